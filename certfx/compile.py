@@ -1,0 +1,130 @@
+"""``certfx.compile``: a model plus a domain and specifications to a :class:`CertifiedModule`.
+
+Example:
+    >>> import torch, certfx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> cm = certfx.compile(net, domain="box", input_spec=certfx.LinfBall(0.1),
+    ...                     example_input=torch.zeros(1, 2))
+    >>> x = torch.full((4, 2), 0.5)
+    >>> lo, hi = cm.certified_forward(x)
+    >>> bool((lo <= cm(x)).all() and (cm(x) <= hi).all())
+    True
+    >>> cm.certified_forward(x, y=torch.zeros(4, dtype=torch.long)).shape
+    torch.Size([4, 1])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from certfx.errors import ShapeError
+from certfx.specs import InputSpec, LinfBall, Margin, check_finite
+
+__all__ = ["CertifiedModule", "compile"]
+
+
+class CertifiedModule(nn.Module):
+    """A network together with its generated bound computation.
+
+    ``forward(x)`` is the network itself; ``certified_forward(x, y=None)`` returns the domain's
+    bounds on the logits over the input set around ``x`` (an element with ``.lower`` and
+    ``.upper``; it unpacks as ``lo, hi``), or, given labels ``y``, lower bounds on the margins
+    ``logit_y − logit_j`` of shape ``(batch, classes − 1)`` (positive everywhere = certified).
+
+    Attributes:
+        network: the canonical graph with the output specification folded in.
+        bounds: the generated bound module (``print(cm.code)`` shows its code).
+        domain: the domain's name.
+        input_spec: the input set (``LinfBall``, ``Box``).
+        output_spec: the output specification (``Margin``).
+    """
+
+    def __init__(self, network: fx.GraphModule, bounds: fx.GraphModule, domain: str,
+                 input_spec: InputSpec, output_spec: Margin):
+        super().__init__()
+        self.network = network
+        self.bounds = bounds
+        self.domain = domain
+        self.input_spec = input_spec
+        self.output_spec = output_spec
+        self.input_shape: tuple[int, ...] = tuple(network.meta["certfx.input_shape"])
+        self.output_shape: tuple[int, ...] = tuple(network.meta["certfx.output_shape"])
+
+    @property
+    def code(self) -> str:
+        """The Python code of the generated bound computation."""
+        return self.bounds.code
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The network's output on a batch ``x``."""
+        self._check_input(x)
+        return self.network(x)
+
+    def input_bounds(self, x: Tensor, eps: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The input set's elementwise bounds around ``x`` (``eps`` overrides a ball's radius)."""
+        self._check_input(x)
+        spec = self.input_spec
+        if eps is not None:
+            if not isinstance(spec, LinfBall):
+                raise TypeError("eps can only be overridden for an LinfBall input spec")
+            spec = spec.with_eps(eps)
+        return spec.bounds(x)
+
+    def certified_forward(self, x: Tensor, y: Tensor | None = None,
+                          eps: float | Tensor | None = None) -> Any:
+        """Bounds over the input set around ``x``; see the class docstring.
+
+        Args:
+            x: a batch ``(batch, *input_shape)``.
+            y: optional labels ``(batch,)``; then margin lower bounds are returned.
+            eps: optional radius overriding the ``LinfBall``'s (e.g. for ε-annealing).
+        """
+        lo, hi = self.input_bounds(x, eps)
+        if y is None:
+            return self.bounds(lo, hi)
+        k = math.prod(self.output_shape)
+        spec = self.output_spec.matrix(torch.as_tensor(y, device=x.device), k, dtype=x.dtype)
+        if spec.shape[0] != x.shape[0]:
+            raise ShapeError(f"{spec.shape[0]} labels for a batch of {x.shape[0]} inputs")
+        return self.bounds(lo, hi, spec).lower
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a tensor input, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            hint = (" (add the batch dim: x.unsqueeze(0))"
+                    if tuple(x.shape) == self.input_shape else "")
+            raise ShapeError(f"input of shape {tuple(x.shape)} does not match the model's input "
+                             f"(batch, {', '.join(map(str, self.input_shape))}){hint}")
+        check_finite(x, "input x")
+
+
+def compile(model: Any, domain: str = "box", input_spec: InputSpec | None = None,  # noqa: A001
+            output_spec: Margin | None = None, example_input: Tensor | None = None,
+            dump: Any = False) -> CertifiedModule:
+    """Compile a model into a :class:`CertifiedModule` for ``domain``.
+
+    Args:
+        model: an ``nn.Module`` (with ``example_input``), an ONNX model or path, or a canonical
+            graph from :func:`certfx.load`.
+        domain: ``"box"`` (aliases ``"interval"``, ``"ibp"``); more domains register themselves.
+        input_spec: the input set; default ``LinfBall(eps=0, lower=0, upper=1)``.
+        output_spec: the output specification; default :class:`Margin`.
+        example_input: one input batch, required for an ``nn.Module``.
+        dump: print/write the graph after every pass (see ``PassManager``).
+    """
+    from certfx.frontends import load
+    from certfx.passes import PassManager, check_support, fuse_spec, lower
+
+    canonical = load(model, example_input, dump=dump)
+    input_spec = input_spec if input_spec is not None else LinfBall(0.0)
+    output_spec = output_spec if output_spec is not None else Margin()
+    network = PassManager([check_support(domain), fuse_spec], dump=dump).run(canonical)
+    bounds = PassManager([lower(domain)], dump=dump).run(network)
+    return CertifiedModule(network, bounds, bounds.meta["certfx.domain"], input_spec,
+                           output_spec)

@@ -1,0 +1,155 @@
+"""The interval (Box / IBP) domain: the :class:`Interval` element and its rules.
+
+Interval bound propagation (Gowal et al. 2018, "On the effectiveness of interval bound
+propagation", Sec. 3) keeps elementwise bounds ``l ≤ z ≤ u`` for every node:
+
+* monotone ops (ReLU, sigmoid, tanh, hardtanh, max-pool, avg-pool, sums, reshapes, concat, add):
+  ``f(z) ∈ [f(l), f(u)]`` — exact for elementwise ops;
+* affine ops ``f(z) = L z + b`` (linear, conv, batch norm, mul/div by constants, sub, …) in
+  centre/radius form: with ``c = (u + l)/2`` and ``r = (u − l)/2``,
+  ``f(z) ∈ [L c + b − |L| r, L c + b + |L| r]`` (Gowal et al., Eq. 6) — exact per output.
+
+Both rules are derived from the op traits of :mod:`certfx.ops`; only ops whose traits do not
+suffice (leaky ReLU with a negative slope) have a rule written here.
+
+Example:
+    >>> import torch
+    >>> from certfx import ops
+    >>> box = Interval(torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([[2.0, 4.0, 4.0]]))
+    >>> out = box_linear(box, torch.ones(1, 3), torch.tensor([2.0]))
+    >>> out.lower.item(), out.upper.item()
+    (8.0, 12.0)
+    >>> box_relu(Interval(torch.tensor([-1.0]), torch.tensor([2.0]))).lower.item()
+    0.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from certfx import ops
+from certfx.domains.base import Domain, Rule, register_domain
+from certfx.ops import OpTraits
+
+__all__ = ["Interval", "box_input", "BOX"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Elementwise bounds ``lower ≤ z ≤ upper`` on a batch-first tensor ``z``.
+
+    Iterating yields ``lower`` then ``upper``, so ``lo, hi = interval`` works.
+    """
+
+    lower: Tensor
+    upper: Tensor
+
+    @staticmethod
+    def from_center_radius(center: Tensor, radius: Tensor) -> Interval:
+        """The interval ``[center − radius, center + radius]``."""
+        return Interval(center - radius, center + radius)
+
+    @property
+    def center(self) -> Tensor:
+        """``(lower + upper) / 2``."""
+        return (self.upper + self.lower) / 2
+
+    @property
+    def radius(self) -> Tensor:
+        """``(upper − lower) / 2``."""
+        return (self.upper - self.lower) / 2
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the bounded tensor."""
+        return self.lower.shape
+
+    def __iter__(self):  # noqa: D105 - tuple-style unpacking
+        yield self.lower
+        yield self.upper
+
+    def contains(self, z: Tensor, tol: float = 0.0) -> Tensor:
+        """Whether every entry of ``z`` lies in the interval (up to ``tol``)."""
+        return ((z >= self.lower - tol) & (z <= self.upper + tol)).all()
+
+
+def box_input(lower: Tensor, upper: Tensor) -> Interval:
+    """The element of the input box ``[lower, upper]``."""
+    return Interval(lower, upper)
+
+
+def _select(arg: Any, pick: Callable[[Interval], Tensor], constant: Callable[[Any], Any]) -> Any:
+    """Replace intervals in ``arg`` (possibly a list) by ``pick(interval)``, others by
+    ``constant(other)``."""
+    if isinstance(arg, Interval):
+        return pick(arg)
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_select(a, pick, constant) for a in arg)
+    return constant(arg)
+
+
+def _keep(arg: Any) -> Any:
+    return arg
+
+
+def _derive_monotone(op: Callable[..., Any], op_traits: OpTraits) -> Rule | None:
+    """``[f(l), f(u)]`` for ops non-decreasing in every argument."""
+    if not op_traits.monotone:
+        return None
+
+    def rule(*args: Any) -> Interval:
+        lower = op(*(_select(a, lambda i: i.lower, _keep) for a in args))
+        upper = op(*(_select(a, lambda i: i.upper, _keep) for a in args))
+        return Interval(lower, upper)
+
+    return rule
+
+
+def _derive_affine(op: Callable[..., Any], op_traits: OpTraits) -> Rule | None:
+    """Centre/radius propagation ``[f(c) − |L| r, f(c) + |L| r]`` for affine ops."""
+    if not op_traits.affine or op_traits.abs_linear_part is None:
+        return None
+    abs_linear = op_traits.abs_linear_part
+    perturbable = set(op_traits.perturbed_args)
+
+    def rule(*args: Any) -> Interval:
+        center = op(*(_select(a, lambda i: i.center, _keep) for a in args))
+        # Constants at perturbable positions contribute no radius: they become 0.
+        radius = abs_linear(*(
+            _select(a, lambda i: i.radius, (lambda _c: 0.0) if k in perturbable else _keep)
+            for k, a in enumerate(args)
+        ))
+        return Interval.from_center_radius(center, radius)
+
+    return rule
+
+
+BOX = register_domain(Domain(
+    name="box",
+    aliases=("interval", "ibp"),
+    element=Interval,
+    input_rule=box_input,
+    module=__name__,
+    prefix="box",
+    derivers=[_derive_monotone, _derive_affine],
+))
+
+
+@BOX.rule(ops.leaky_relu)
+def box_leaky_relu(x: Interval, negative_slope: float) -> Interval:
+    """Leaky ReLU: monotone for a slope ≥ 0; otherwise the function is convex with its minimum
+    0 at 0, so the upper bound is at an end point and the lower bound is 0 if 0 ∈ [l, u]."""
+    fl, fu = ops.leaky_relu(x.lower, negative_slope), ops.leaky_relu(x.upper, negative_slope)
+    if negative_slope >= 0:
+        return Interval(fl, fu)
+    lower = torch.where((x.lower <= 0) & (x.upper >= 0), torch.zeros_like(fl),
+                        torch.minimum(fl, fu))
+    return Interval(lower, torch.maximum(fl, fu))
+
+
+BOX.derive_missing()

@@ -1,0 +1,147 @@
+"""Input sets (where the input may be) and output specifications (what must hold of the output).
+
+An input spec turns a batch of points ``x`` into elementwise bounds ``(lower, upper)``, clipped
+to the valid input range; an output spec turns labels into a C-matrix whose rows are the linear
+functions of the logits to bound from below.
+
+Example:
+    >>> import torch
+    >>> lo, hi = LinfBall(eps=0.25, lower=0.0, upper=1.0).bounds(torch.tensor([[0.125, 0.5]]))
+    >>> lo.tolist(), hi.tolist()
+    ([[0.0, 0.25]], [[0.375, 0.75]])
+    >>> Margin().matrix(torch.tensor([1]), num_classes=3).tolist()
+    [[[-1.0, 1.0, 0.0], [0.0, 1.0, -1.0]]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from certfx.errors import InvalidValueError, ShapeError, SpecError
+
+__all__ = ["InputSpec", "LinfBall", "Box", "Margin", "check_finite"]
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    """Raise :class:`InvalidValueError` when ``t`` holds NaN or ±inf."""
+    if not torch.is_floating_point(t):
+        return
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+        raise InvalidValueError(f"{what} contains {bad}; replace it with finite values")
+
+
+class InputSpec:
+    """Base class: a set of inputs around each point of a batch."""
+
+    def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        """Elementwise ``(lower, upper)`` bounds of the set around ``x``."""
+        raise NotImplementedError
+
+
+def _as_range(value: float | Tensor | None, x: Tensor, default: float) -> Tensor:
+    if value is None:
+        return torch.full((), default, dtype=x.dtype, device=x.device)
+    return torch.as_tensor(value, dtype=x.dtype, device=x.device)
+
+
+@dataclass(frozen=True)
+class LinfBall(InputSpec):
+    """The ℓ∞ ball ``{x' : ‖x' − x‖∞ ≤ eps}`` intersected with ``[lower, upper]``.
+
+    Args:
+        eps: radius; a float, or a tensor broadcastable to the batch (per example ``(B, 1, …)``
+            or per feature).
+        lower: smallest valid input value (float or broadcastable tensor); ``None`` for no clip.
+        upper: largest valid input value; ``None`` for no clip.
+    """
+
+    eps: float | Tensor
+    lower: float | Tensor | None = 0.0
+    upper: float | Tensor | None = 1.0
+
+    def __post_init__(self) -> None:
+        eps = torch.as_tensor(self.eps, dtype=torch.float64)
+        if bool(torch.isnan(eps).any()):
+            raise InvalidValueError("eps is NaN; pass a finite radius >= 0")
+        if bool((eps < 0).any()):
+            raise InvalidValueError(f"eps must be >= 0, got {float(eps.min())}; pass a radius >= 0")
+        if self.lower is not None and self.upper is not None:
+            lo = torch.as_tensor(self.lower, dtype=torch.float64)
+            hi = torch.as_tensor(self.upper, dtype=torch.float64)
+            if bool((lo > hi).any()):
+                raise InvalidValueError("LinfBall lower > upper; the valid range is empty")
+
+    def with_eps(self, eps: float | Tensor) -> LinfBall:
+        """The same ball with another radius."""
+        return LinfBall(eps, self.lower, self.upper)
+
+    def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        check_finite(x, "input x")
+        eps = torch.as_tensor(self.eps, dtype=x.dtype, device=x.device)
+        lo, hi = x - eps, x + eps
+        if self.lower is not None:
+            lo = torch.maximum(lo, _as_range(self.lower, x, -math.inf))
+            hi = torch.maximum(hi, _as_range(self.lower, x, -math.inf))
+        if self.upper is not None:
+            hi = torch.minimum(hi, _as_range(self.upper, x, math.inf))
+            lo = torch.minimum(lo, _as_range(self.upper, x, math.inf))
+        return lo, hi
+
+
+@dataclass(frozen=True)
+class Box(InputSpec):
+    """An explicit box ``[lower, upper]``; ``bounds(x)`` ignores ``x`` except for its batch size.
+
+    ``lower``/``upper`` are shaped like one input (no batch dim) or like the whole batch.
+    """
+
+    lower: Tensor
+    upper: Tensor
+
+    def __post_init__(self) -> None:
+        lo, hi = torch.as_tensor(self.lower), torch.as_tensor(self.upper)
+        if lo.shape != hi.shape:
+            raise ShapeError(f"Box lower {tuple(lo.shape)} and upper {tuple(hi.shape)} differ")
+        check_finite(lo, "Box lower")
+        check_finite(hi, "Box upper")
+        if bool((lo > hi).any()):
+            n = int((lo > hi).sum())
+            raise InvalidValueError(f"Box has lower > upper in {n} entries; swap or fix them")
+
+    def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        lo = torch.as_tensor(self.lower, dtype=x.dtype, device=x.device)
+        hi = torch.as_tensor(self.upper, dtype=x.dtype, device=x.device)
+        if lo.dim() == x.dim() - 1:
+            lo, hi = lo.expand_as(x), hi.expand_as(x)
+        if lo.shape != x.shape:
+            raise ShapeError(f"Box of shape {tuple(lo.shape)} does not fit inputs {tuple(x.shape)}")
+        return lo, hi
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Robustness margins ``logit_y − logit_j`` for every class ``j ≠ y``.
+
+    ``matrix(y, K)`` is the C-matrix of shape ``(batch, K − 1, K)``: row ``j`` is ``e_y − e_j``
+    (classes other than ``y`` in increasing order). The property holds when every row's lower
+    bound is positive.
+    """
+
+    def matrix(self, y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The C-matrix for labels ``y`` of shape ``(batch,)``."""
+        y = torch.as_tensor(y)
+        if y.dim() != 1:
+            raise SpecError(f"labels must be a 1-d tensor of class indices, got shape {tuple(y.shape)}")
+        if num_classes < 2:
+            raise SpecError("a margin specification needs at least 2 output classes")
+        if bool(((y < 0) | (y >= num_classes)).any()):
+            raise SpecError(f"labels must lie in [0, {num_classes - 1}], got {y.tolist()}")
+        eye = torch.eye(num_classes, dtype=dtype, device=y.device)
+        c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j = e_y − e_j
+        others = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)
+        return c[others].reshape(y.shape[0], num_classes - 1, num_classes)

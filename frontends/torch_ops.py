@@ -1,0 +1,427 @@
+"""Mappings of PyTorch modules, functions and tensor methods onto certfx core ops.
+
+Each mapping receives the :class:`~certfx.passes.normalize.Builder`, the node's arguments
+(:class:`~certfx.passes.normalize.Traced` for input-dependent values, constants otherwise) and
+the node's concrete output from the example run; see :func:`certfx.passes.normalize.mapping`.
+ONNX-specific modules of onnx2torch are mapped in :mod:`certfx.frontends.onnx_ops`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certfx import ops
+from certfx.errors import ShapeError, UnsupportedOp, UnsupportedOpsError
+from certfx.passes.normalize import Builder, Traced, mapping, method_key
+
+__all__: list[str] = []
+
+
+def _unsupported(b: Builder, what: str, hint: str) -> UnsupportedOpsError:
+    node = b.current
+    name = node.name if node is not None else "?"
+    from certfx.passes.normalize import _where  # the same location text as unmapped nodes
+
+    return UnsupportedOpsError("normalize", [UnsupportedOp(name, what, _where(node) if node
+                                                           else "", hint)])
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _pair(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (int(v),) * n
+
+
+# ---- identities -----------------------------------------------------------------------------
+
+@mapping(nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+         F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+         method_key("contiguous"), method_key("clone"), method_key("detach"),
+         method_key("float"), torch.clone)
+def _identity(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any) -> Traced:
+    x = args[0]
+    if not isinstance(x, Traced):
+        raise _unsupported(b, "identity of a constant", "internal: constant not folded")
+    return Traced(x.node, out)
+
+
+@mapping(method_key("to"), method_key("type"))
+def _to(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any) -> Traced:
+    if isinstance(out, Tensor) and out.dtype != args[0].value.dtype:
+        raise _unsupported(b, f"dtype conversion to {out.dtype}",
+                           "remove the cast; certfx computes in the input's dtype")
+    return Traced(args[0].node, out)
+
+
+# ---- affine layers --------------------------------------------------------------------------
+
+@mapping(nn.Linear)
+def _linear_module(b: Builder, args: tuple, kwargs: dict, out: Any, module: nn.Linear):
+    return b.call(ops.linear, args[0], module.weight, module.bias)
+
+
+@mapping(F.linear)
+def _linear_fn(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x, w, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if isinstance(w, Traced) or isinstance(bias, Traced):
+        raise _unsupported(b, "linear with an input-dependent weight",
+                           "only constant weights are supported")
+    return b.call(ops.linear, x, w, bias)
+
+
+@mapping(torch.matmul, operator.matmul, method_key("matmul"), torch.mm, method_key("mm"))
+def _matmul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x, w = args[0], args[1]
+    if isinstance(x, Traced) and not isinstance(w, Traced) and w.dim() >= 1:
+        if w.dim() == 1:  # x @ v: a dot product over the last dim
+            return b.reshape_to(Traced(b.call(ops.matmul, x, w.unsqueeze(1)), out), out)
+        if w.dim() == 2 and x.value.dim() >= 2 or (not b.batched and w.dim() == 2):
+            return b.call(ops.matmul, x, w)
+    raise _unsupported(b, "matmul", "only input @ constant matrix is supported; a product of "
+                       "two perturbed tensors needs a non-linear domain rule")
+
+
+def _conv(b: Builder, x: Traced, weight: Tensor, bias: Tensor | None, stride: Any,
+          padding: Any, dilation: Any, groups: int, out: Tensor):
+    n = weight.dim() - 2
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:  # "same": PyTorch pads symmetrically only for odd effective kernels
+            eff = [d * (k - 1) for d, k in zip(_pair(dilation, n), weight.shape[2:])]
+            if any(e % 2 for e in eff):
+                raise _unsupported(b, "conv with padding='same' and an even kernel",
+                                   "use explicit padding plus F.pad")
+            padding = [e // 2 for e in eff]
+    return b.call(ops.conv, x, weight, bias, _pair(stride, n), _pair(padding, n),
+                  _pair(dilation, n), int(groups))
+
+
+@mapping(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv_module(b: Builder, args: tuple, kwargs: dict, out: Any, module: nn.Conv2d):
+    x = args[0]
+    if module.padding_mode != "zeros" and any(p for p in _pair(module.padding, 1)):
+        raise _unsupported(b, f"conv with padding_mode={module.padding_mode!r}",
+                           "use padding_mode='zeros'")
+    return _conv(b, x, module.weight, module.bias, module.stride, module.padding,
+                 module.dilation, module.groups, out)
+
+
+@mapping(F.conv1d, F.conv2d, F.conv3d)
+def _conv_fn(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    defaults = [None, None, None, 1, 0, 1, 1]
+    v = [_arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+    return _conv(b, v[0], v[1], v[2], v[3], v[4], v[5], v[6], out)
+
+
+@mapping(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batch_norm(b: Builder, args: tuple, kwargs: dict, out: Any, module: nn.BatchNorm2d):
+    if module.running_mean is None or module.running_var is None:
+        raise _unsupported(b, "batch norm without running statistics",
+                           "construct it with track_running_stats=True")
+    return b.call(ops.batch_norm, args[0], module.running_mean, module.running_var,
+                  module.weight, module.bias, float(module.eps))
+
+
+# ---- elementwise arithmetic -----------------------------------------------------------------
+
+@mapping(operator.add, operator.iadd, torch.add, method_key("add"), method_key("add_"))
+def _add(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x, y = args[0], args[1]
+    alpha = kwargs.get("alpha", 1)
+    if alpha != 1:
+        if isinstance(y, Traced):
+            y = Traced(b.call(ops.mul, y, float(alpha)), None)
+        else:
+            y = y * alpha
+    return b.call(ops.add, x, y)
+
+
+@mapping(operator.sub, operator.isub, torch.sub, method_key("sub"), method_key("sub_"))
+def _sub(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    if kwargs.get("alpha", 1) != 1:
+        raise _unsupported(b, "sub with alpha", "write x - alpha * y")
+    return b.call(ops.sub, args[0], args[1])
+
+
+@mapping(operator.mul, operator.imul, torch.mul, method_key("mul"), method_key("mul_"))
+def _mul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x, y = args[0], args[1]
+    if isinstance(x, Traced) and isinstance(y, Traced):
+        raise _unsupported(b, "product of two perturbed tensors",
+                           "not supported by the interval lowering yet (needs a product rule)")
+    if not isinstance(x, Traced):
+        x, y = y, x
+    return b.call(ops.mul, x, y)
+
+
+@mapping(operator.truediv, operator.itruediv, torch.div, method_key("div"),
+         method_key("div_"))
+def _div(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x, y = args[0], args[1]
+    if isinstance(y, Traced) or kwargs.get("rounding_mode") is not None:
+        raise _unsupported(b, "division by a perturbed tensor",
+                           "only division by constants is supported")
+    c = torch.as_tensor(y)
+    if bool((c == 0).any()):
+        raise _unsupported(b, "division by zero", "the divisor constant contains 0")
+    return b.call(ops.div, x, y)
+
+
+@mapping(operator.neg, torch.neg, method_key("neg"))
+def _neg(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return b.call(ops.neg, args[0])
+
+
+# ---- activations ----------------------------------------------------------------------------
+
+@mapping(nn.ReLU, F.relu, torch.relu, method_key("relu"), method_key("relu_"))
+def _relu(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return b.call(ops.relu, args[0])
+
+
+@mapping(nn.LeakyReLU, F.leaky_relu)
+def _leaky_relu(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    slope = module.negative_slope if module is not None else _arg(args, kwargs, 1,
+                                                                   "negative_slope", 0.01)
+    return b.call(ops.leaky_relu, args[0], float(slope))
+
+
+@mapping(nn.Sigmoid, torch.sigmoid, F.sigmoid, method_key("sigmoid"))
+def _sigmoid(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return b.call(ops.sigmoid, args[0])
+
+
+@mapping(nn.Tanh, torch.tanh, F.tanh, method_key("tanh"))
+def _tanh(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return b.call(ops.tanh, args[0])
+
+
+@mapping(nn.Hardtanh, F.hardtanh, nn.ReLU6, F.relu6)
+def _hardtanh(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    if module is not None:
+        lo, hi = module.min_val, module.max_val
+    elif b.current is not None and b.current.target is F.relu6:
+        lo, hi = 0.0, 6.0
+    else:
+        lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+    return b.call(ops.hardtanh, args[0], float(lo), float(hi))
+
+
+@mapping(torch.clamp, torch.clip, method_key("clamp"), method_key("clip"))
+def _clamp(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    if isinstance(lo, (Tensor, Traced)) or isinstance(hi, (Tensor, Traced)):
+        raise _unsupported(b, "clamp with tensor bounds", "use scalar min/max")
+    return b.call(ops.hardtanh, args[0], -math.inf if lo is None else float(lo),
+                  math.inf if hi is None else float(hi))
+
+
+# ---- shapes ---------------------------------------------------------------------------------
+
+@mapping(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.squeeze,
+         torch.unsqueeze, method_key("view"), method_key("reshape"), method_key("flatten"),
+         method_key("squeeze"), method_key("unsqueeze"), method_key("view_as"),
+         method_key("reshape_as"), method_key("expand_as"), method_key("expand"))
+def _reshape(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x = args[0]
+    if out.numel() != x.value.numel():
+        raise _unsupported(b, "expand that broadcasts a perturbed tensor",
+                           "only shape changes that keep every entry are supported")
+    return b.reshape_to(x, out)
+
+
+@mapping(method_key("permute"), torch.permute)
+def _permute(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x = args[0]
+    dims = args[1:] if len(args) > 2 or isinstance(args[1], int) else args[1]
+    return _permute_dims(b, x, list(dims))
+
+
+def _permute_dims(b: Builder, x: Traced, dims: list[int]):
+    rank = x.value.dim()
+    dims = [d % rank for d in dims]
+    if b.batched:
+        if dims[0] != 0:
+            raise ShapeError("a permutation moves the batch dimension (dim 0)")
+        return b.call(ops.permute, x, tuple(dims))
+    return b.call(ops.permute, x, (0, *[d + 1 for d in dims]))
+
+
+@mapping(method_key("transpose"), torch.transpose, method_key("t"), torch.t)
+def _transpose(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x = args[0]
+    rank = x.value.dim()
+    d0, d1 = (args[1], args[2]) if len(args) >= 3 else (0, 1)
+    dims = list(range(rank))
+    dims[d0 % rank], dims[d1 % rank] = dims[d1 % rank], dims[d0 % rank]
+    return _permute_dims(b, x, dims)
+
+
+@mapping(torch.cat, torch.concat, torch.concatenate)
+def _cat(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    xs = list(_arg(args, kwargs, 0, "tensors"))
+    dim = _arg(args, kwargs, 1, "dim", 0)
+    return b.call(ops.concat, xs, b.axis(dim, out.dim()))
+
+
+@mapping(operator.getitem)
+def _getitem(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x, index = args
+    if not isinstance(x, Traced) or isinstance(x.value, (tuple, list, torch.Size)):
+        # Indexing into a shape (x.shape[1]) or a tuple of values: no tensor op.
+        value = x.value[index] if isinstance(x, Traced) else x[index]
+        if isinstance(value, Tensor):
+            raise _unsupported(b, "indexing a tuple of tensors", "return single tensors")
+        return Traced(None, value)
+    return slice_by_index(b, x, index, out)
+
+
+def slice_by_index(b: Builder, x: Traced, index: Any, out: Tensor):
+    """Map ``x[index]`` (slices with step > 0, ints, ``...``, ``None``) onto strided slices and
+    one final reshape."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    rank = x.value.dim()
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in index:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (rank - n_real))
+        elif i is not None:
+            expanded.append(i)
+    node: Any = x
+    for dim, i in enumerate(expanded):
+        if isinstance(i, Tensor) or isinstance(i, Traced) or isinstance(i, (list, bool)):
+            raise _unsupported(b, "advanced (tensor/list) indexing", "use slices and ints")
+        if isinstance(i, slice) and i == slice(None):
+            continue
+        size = x.value.shape[dim]
+        if isinstance(i, int):
+            start, stop, step = (i % size), (i % size) + 1, 1
+        else:
+            start, stop, step = i.indices(size)
+            if step <= 0:
+                raise _unsupported(b, "slice with a negative step", "use a positive step")
+        canonical = b.axis(dim, rank)
+        node = Traced(b.call(ops.strided_slice, node, canonical, start, stop, step), None)
+    result = node.node if isinstance(node, Traced) else node
+    cur_shape = _sliced_shape(x.value, expanded)
+    if tuple(out.shape) != cur_shape:
+        return b.reshape_to(Traced(result, torch.empty(cur_shape)), out)
+    return result
+
+
+def _sliced_shape(value: Tensor, expanded: list[Any]) -> tuple[int, ...]:
+    index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in expanded)
+    return tuple(value[index].shape)
+
+
+@mapping(nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+         nn.ConstantPad3d, F.pad)
+def _pad(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x = args[0]
+    if module is not None:
+        pads, value = module.padding, float(getattr(module, "value", 0.0))
+    else:
+        pads = _arg(args, kwargs, 1, "pad")
+        mode = _arg(args, kwargs, 2, "mode", "constant")
+        value = _arg(args, kwargs, 3, "value", 0.0)
+        if mode != "constant":
+            raise _unsupported(b, f"pad mode {mode!r}", "only constant padding is supported")
+        value = 0.0 if value is None else float(value)
+    pads = tuple(int(p) for p in pads)
+    if len(pads) // 2 > x.value.dim() - (1 if b.batched else 0):
+        raise ShapeError("padding touches the batch dimension")
+    return b.call(ops.pad, x, pads, value)
+
+
+# ---- pooling and reductions -----------------------------------------------------------------
+
+@mapping(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d)
+def _max_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x = args[0]
+    n = out.dim() - 2
+    if module is not None:
+        if module.return_indices:
+            raise _unsupported(b, "max pool returning indices", "set return_indices=False")
+        k, s, p, d, c = (module.kernel_size, module.stride, module.padding, module.dilation,
+                         module.ceil_mode)
+    else:
+        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"]
+        k, s, p, d, c = (_arg(args, kwargs, i, nm, dflt) for i, (nm, dflt) in
+                         enumerate(zip(names, [None, None, None, 0, 1, False])) if i > 0)
+        if _arg(args, kwargs, 6, "return_indices", False):
+            raise _unsupported(b, "max pool returning indices", "set return_indices=False")
+    s = k if s is None or s == [] else s
+    return b.call(ops.max_pool, x, _pair(k, n), _pair(s, n), _pair(p, n), _pair(d, n), bool(c))
+
+
+@mapping(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+def _avg_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x = args[0]
+    n = out.dim() - 2
+    if module is not None:
+        if getattr(module, "divisor_override", None):
+            raise _unsupported(b, "avg pool with divisor_override", "remove divisor_override")
+        k, s, p, c, inc = (module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                           module.count_include_pad)
+    else:
+        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"]
+        k, s, p, c, inc = (_arg(args, kwargs, i, nm, dflt) for i, (nm, dflt) in
+                           enumerate(zip(names, [None, None, None, 0, False, True])) if i > 0)
+    s = k if s is None or s == [] else s
+    return b.call(ops.avg_pool, x, _pair(k, n), _pair(s, n), _pair(p, n), bool(c), bool(inc))
+
+
+@mapping(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.adaptive_avg_pool1d,
+         F.adaptive_avg_pool2d)
+def _adaptive_avg_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    x = args[0]
+    in_sizes, out_sizes = x.value.shape[2:], out.shape[2:]
+    if any(i % o for i, o in zip(in_sizes, out_sizes)):
+        raise _unsupported(b, "adaptive avg pool with non-dividing sizes",
+                           "choose an output size that divides the input size")
+    k = tuple(i // o for i, o in zip(in_sizes, out_sizes))
+    return b.call(ops.avg_pool, x, k, k, (0,) * len(k), False, True)
+
+
+def _reduce(b: Builder, args: tuple, kwargs: dict, out: Any, op: Any):
+    x = args[0]
+    dims = _arg(args, kwargs, 1, "dim")
+    keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
+    rank = x.value.dim()
+    if dims is None:
+        dims = list(range(rank))
+        if b.batched:
+            raise ShapeError("a reduction over all dims includes the batch dimension")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return b.call(op, x, tuple(b.axis(d, rank) for d in dims), keepdim)
+
+
+@mapping(torch.mean, method_key("mean"))
+def _mean(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return _reduce(b, args, kwargs, out, ops.reduce_mean)
+
+
+@mapping(torch.sum, method_key("sum"))
+def _sum(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return _reduce(b, args, kwargs, out, ops.reduce_sum)
+
+
+@mapping(method_key("size"), method_key("dim"), getattr)
+def _shape_value(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any) -> Traced:
+    if isinstance(out, Tensor):
+        raise _unsupported(b, "attribute access returning a tensor", "avoid it in forward")
+    return Traced(None, out)

@@ -8,7 +8,7 @@ Example:
     >>> from certfx.frontends import load
     >>> gm = load(torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.zeros(1, 3))
     >>> [(n.name, n.meta["certfx.perturbed"]) for n in gm.graph.nodes][:3]
-    [('x', True), ('linear_1_weight', False), ('linear_1_bias', False)]
+    [('x', True), ('m0_weight', False), ('m0_bias', False)]
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Example:
     >>> gm = to_canonical(torch.fx.symbolic_trace(net), torch.zeros(1, 2, 2))
     >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
     ['reshape', 'linear', 'relu']
-    >>> gm.linear_1_weight is net[1].weight
+    >>> gm.m1_weight is net[1].weight
     True
 """
 
@@ -100,8 +100,14 @@ def mapping(*keys: Any) -> Callable[[Mapping], Mapping]:
 class Builder:
     """Builds the canonical graph: constants as attributes of a fresh root, core-op calls."""
 
-    def __init__(self, batched: bool):
+    def __init__(self, batched: bool, source: nn.Module | None = None):
         self.batched = batched
+        # Constants that are parameters/buffers of the source keep their qualified names.
+        self._source_names: dict[int, str] = {}
+        if source is not None:
+            for name, t in list(source.named_parameters(remove_duplicate=False)) + list(
+                    source.named_buffers(remove_duplicate=False)):
+                self._source_names.setdefault(id(t), name)
         self.root = nn.Module()
         self.graph = fx.Graph()
         self._constants: dict[int, fx.Node] = {}
@@ -114,6 +120,7 @@ class Builder:
         key = id(value)
         if key in self._constants:
             return self._constants[key]
+        hint = self._source_names.get(key, hint)
         check_finite(value.detach(), f"model constant '{hint}'")
         name = self._unique(re.sub(r"\W+", "_", hint).strip("_") or "const")
         if isinstance(value, nn.Parameter):
@@ -126,7 +133,7 @@ class Builder:
 
     def _unique(self, name: str) -> str:
         if name[0].isdigit():
-            name = "c_" + name
+            name = "m" + name
         candidate, k = name, 1
         while candidate in self._names or hasattr(nn.Module, candidate):
             candidate, k = f"{name}_{k}", k + 1
@@ -272,7 +279,7 @@ def to_canonical(source: fx.GraphModule, example_input: Tensor, batched: bool = 
     """
     from certfx.frontends import torch_ops  # noqa: F401  (registers the torch-level mappings)
 
-    b = Builder(batched)
+    b = Builder(batched, source)
     env: dict[fx.Node, Any] = {}
     unsupported: list[UnsupportedOp] = []
     modules = dict(source.named_modules())

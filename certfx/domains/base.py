@@ -27,7 +27,15 @@ from typing import Any
 from certfx.errors import CertfxError
 from certfx.ops import CORE_OPS, OpTraits
 
-__all__ = ["Domain", "Rule", "Deriver", "register_domain", "get_domain", "available_domains"]
+__all__ = [
+    "Domain",
+    "Rule",
+    "Deriver",
+    "register_domain",
+    "get_domain",
+    "available_domains",
+    "expose_to_codegen",
+]
 
 Rule = Callable[..., Any]
 # A deriver returns a rule for an op from its traits, or None when the traits do not suffice.
@@ -71,6 +79,7 @@ class Domain:
                 if op in self.rules:
                     raise ValueError(f"domain {self.name}: {op.__name__} already has a rule")
                 self.rules[op] = fn
+            expose_to_codegen(fn)
             return fn
 
         return register
@@ -94,6 +103,7 @@ class Domain:
                     fn.__doc__ = f"{self.name} rule for ``{op.__name__}``, derived from its traits."
                     namespace[name] = fn
                     self.rules[op] = fn
+                    expose_to_codegen(fn)
                     break
 
     def rule_for(self, op: Callable[..., Any]) -> Rule | None:
@@ -105,11 +115,26 @@ class Domain:
         return op in self.rules
 
 
+def expose_to_codegen(fn: Callable[..., Any]) -> None:
+    """Let generated code call ``fn`` by its plain name (``box_relu``) and let
+    ``GraphModule.to_folder`` write the matching import line.
+
+    This uses torch.fx's registry of custom builtins, which reserves the name so no node can
+    shadow it. Without that registry (a future torch), code falls back to FX's mangled names.
+    """
+    try:
+        from torch.fx.graph import _register_custom_builtin
+    except ImportError:  # pragma: no cover - depends on the torch version
+        return
+    _register_custom_builtin(fn.__name__, f"from {fn.__module__} import {fn.__name__}", fn)
+
+
 _DOMAINS: dict[str, Domain] = {}
 
 
 def register_domain(domain: Domain) -> Domain:
     """Add a domain to the registry under its name and aliases (each name once)."""
+    expose_to_codegen(domain.input_rule)
     for key in (domain.name, *domain.aliases):
         if key in _DOMAINS and _DOMAINS[key] is not domain:
             raise ValueError(f"domain name {key!r} registered twice")

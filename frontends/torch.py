@@ -54,7 +54,10 @@ def trace_source(module: nn.Module, example_input: Tensor) -> fx.GraphModule:
         if torch.is_floating_point(p):
             check_finite(p.detach(), f"model parameter '{name}'")
     try:
-        traced = fx.symbolic_trace(module)
+        tracer = fx.Tracer()
+        tracer.record_stack_traces = True  # so errors can name the source line of a node
+        graph = tracer.trace(module)
+        traced = fx.GraphModule(tracer.root, graph, type(module).__name__)
     except Exception as err:  # fx raises TraceError, TypeError, … for dynamic control flow
         raise TraceError(_trace_failure(module, err)) from err
     try:

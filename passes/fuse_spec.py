@@ -39,10 +39,10 @@ def fuse_spec(gm: fx.GraphModule) -> fx.GraphModule:
     spec.meta.update({"certfx.perturbed": False})
     if isinstance(last, fx.Node) and last.target is ops.linear and len(last.users) == 1:
         x, weight, bias = (list(last.args) + [None])[:3]
-        with graph.inserting_after(last):
+        with graph.inserting_before(output):
             fused = graph.call_function(ops.spec_linear, (x, weight, bias, spec))
     else:
-        with graph.inserting_after(last):
+        with graph.inserting_before(output):
             fused = graph.call_function(ops.apply_spec, (last, spec))
     fused.meta.update({k: v for k, v in last.meta.items() if k != "certfx.shape"})
     output.args = (fused,)

@@ -194,15 +194,18 @@ class Builder:
 
 
 def _where(node: fx.Node) -> str:
+    """The ONNX node name or the user's source line (not torch's own frames) of a node."""
     if SOURCE_KEY in node.meta:
         return str(node.meta[SOURCE_KEY])
-    trace = node.meta.get("stack_trace")
-    if trace:
-        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-        frames = [ln for ln in lines if ln.startswith("File ")]
-        if frames:
-            return frames[-1] + (f": {lines[-1]}" if lines[-1] != frames[-1] else "")
-    return ""
+    lines = [ln.strip() for ln in (node.meta.get("stack_trace") or "").splitlines()]
+    place = ""
+    for k, line in enumerate(lines):
+        match = re.match(r'File "([^"]+)", line (\d+)', line)
+        if match and "/torch/" not in match.group(1).replace("\\", "/"):
+            code = lines[k + 1] if k + 1 < len(lines) and not lines[k + 1].startswith("File ") \
+                else ""
+            place = f"{match.group(1)}:{match.group(2)}" + (f": {code}" if code else "")
+    return place
 
 
 def _describe(node: fx.Node, module: nn.Module | None) -> str:
@@ -210,8 +213,10 @@ def _describe(node: fx.Node, module: nn.Module | None) -> str:
         return type(module).__name__
     if node.op == "call_method":
         return f"Tensor.{node.target}"
-    target = node.target
-    return getattr(target, "__qualname__", getattr(target, "__name__", str(target)))
+    try:
+        return fx.node._get_qualified_name(node.target)  # e.g. "torch.softmax"
+    except Exception:  # not every callable has a qualified name
+        return getattr(node.target, "__name__", str(node.target))
 
 
 def _lookup(node: fx.Node, module: nn.Module | None) -> Mapping | None:

@@ -67,7 +67,7 @@ class CertifiedModule(nn.Module):
 
     def input_bounds(self, x: Tensor, eps: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The input set's elementwise bounds around ``x`` (``eps`` overrides a ball's radius)."""
-        self._check_input(x)
+        self._check_input(x, finite=False)  # the input spec checks the values itself
         spec = self.input_spec
         if eps is not None:
             if not isinstance(spec, LinfBall):
@@ -93,7 +93,7 @@ class CertifiedModule(nn.Module):
             raise ShapeError(f"{spec.shape[0]} labels for a batch of {x.shape[0]} inputs")
         return self.bounds(lo, hi, spec).lower
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input(self, x: Tensor, finite: bool = True) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a tensor input, got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.input_shape:
@@ -101,7 +101,8 @@ class CertifiedModule(nn.Module):
                     if tuple(x.shape) == self.input_shape else "")
             raise ShapeError(f"input of shape {tuple(x.shape)} does not match the model's input "
                              f"(batch, {', '.join(map(str, self.input_shape))}){hint}")
-        check_finite(x, "input x")
+        if finite:
+            check_finite(x, "input x")
 
 
 def compile(model: Any, domain: str = "box", input_spec: InputSpec | None = None,  # noqa: A001

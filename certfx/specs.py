@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +30,12 @@ def check_finite(t: Tensor, what: str) -> None:
     """Raise :class:`InvalidValueError` when ``t`` holds NaN or ±inf."""
     if not torch.is_floating_point(t):
         return
-    if not bool(torch.isfinite(t).all()):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
-        raise InvalidValueError(f"{what} contains {bad}; replace it with finite values")
+    # One reduction on the fast path: a sum is finite unless an entry is NaN/inf (or the sum
+    # overflows, which the exact check below then rules out).
+    if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+        return
+    bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+    raise InvalidValueError(f"{what} contains {bad}; replace it with finite values")
 
 
 class InputSpec:
@@ -43,10 +46,11 @@ class InputSpec:
         raise NotImplementedError
 
 
-def _as_range(value: float | Tensor | None, x: Tensor, default: float) -> Tensor:
-    if value is None:
-        return torch.full((), default, dtype=x.dtype, device=x.device)
-    return torch.as_tensor(value, dtype=x.dtype, device=x.device)
+def _as_range(value: float | Tensor | None, x: Tensor) -> float | Tensor | None:
+    """A clip bound usable by ``Tensor.clamp`` together with ``x``."""
+    if isinstance(value, Tensor):
+        return value.to(x).expand_as(x)
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -82,15 +86,12 @@ class LinfBall(InputSpec):
 
     def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_finite(x, "input x")
-        eps = torch.as_tensor(self.eps, dtype=x.dtype, device=x.device)
+        eps = self.eps.to(x) if isinstance(self.eps, Tensor) else self.eps
         lo, hi = x - eps, x + eps
-        if self.lower is not None:
-            lo = torch.maximum(lo, _as_range(self.lower, x, -math.inf))
-            hi = torch.maximum(hi, _as_range(self.lower, x, -math.inf))
-        if self.upper is not None:
-            hi = torch.minimum(hi, _as_range(self.upper, x, math.inf))
-            lo = torch.minimum(lo, _as_range(self.upper, x, math.inf))
-        return lo, hi
+        if self.lower is None and self.upper is None:
+            return lo, hi
+        lower, upper = (_as_range(v, x) for v in (self.lower, self.upper))
+        return lo.clamp(lower, upper), hi.clamp(lower, upper)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,13 @@ class Margin:
             raise SpecError("a margin specification needs at least 2 output classes")
         if bool(((y < 0) | (y >= num_classes)).any()):
             raise SpecError(f"labels must lie in [0, {num_classes - 1}], got {y.tolist()}")
-        eye = torch.eye(num_classes, dtype=dtype, device=y.device)
-        c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j = e_y − e_j
-        others = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)
-        return c[others].reshape(y.shape[0], num_classes - 1, num_classes)
+        return _margin_table(num_classes, dtype, y.device)[y]
+
+
+@functools.lru_cache(maxsize=32)
+def _margin_table(num_classes: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """All margin C-matrices, ``table[y]`` of shape ``(K − 1, K)`` for label ``y``."""
+    eye = torch.eye(num_classes, dtype=dtype, device=device)
+    c = eye.unsqueeze(1) - eye.unsqueeze(0)  # c[y, j] = e_y − e_j
+    others = ~torch.eye(num_classes, dtype=torch.bool, device=device)
+    return c[others].reshape(num_classes, num_classes - 1, num_classes)

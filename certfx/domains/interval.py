@@ -83,17 +83,12 @@ def box_input(lower: Tensor, upper: Tensor) -> Interval:
     return Interval(lower, upper)
 
 
-def _select(arg: Any, pick: Callable[[Interval], Tensor], constant: Callable[[Any], Any]) -> Any:
-    """Replace intervals in ``arg`` (possibly a list) by ``pick(interval)``, others by
-    ``constant(other)``."""
+def _bound(arg: Any, upper: bool) -> Any:
+    """``arg`` with every interval replaced by its lower (or upper) bound."""
     if isinstance(arg, Interval):
-        return pick(arg)
+        return arg.upper if upper else arg.lower
     if isinstance(arg, (list, tuple)):
-        return type(arg)(_select(a, pick, constant) for a in arg)
-    return constant(arg)
-
-
-def _keep(arg: Any) -> Any:
+        return type(arg)(_bound(a, upper) for a in arg)
     return arg
 
 
@@ -103,9 +98,8 @@ def _derive_monotone(op: Callable[..., Any], op_traits: OpTraits) -> Rule | None
         return None
 
     def rule(*args: Any) -> Interval:
-        lower = op(*(_select(a, lambda i: i.lower, _keep) for a in args))
-        upper = op(*(_select(a, lambda i: i.upper, _keep) for a in args))
-        return Interval(lower, upper)
+        return Interval(op(*[_bound(a, False) for a in args]),
+                        op(*[_bound(a, True) for a in args]))
 
     return rule
 
@@ -118,13 +112,13 @@ def _derive_affine(op: Callable[..., Any], op_traits: OpTraits) -> Rule | None:
     perturbable = set(op_traits.perturbed_args)
 
     def rule(*args: Any) -> Interval:
-        center = op(*(_select(a, lambda i: i.center, _keep) for a in args))
-        # Constants at perturbable positions contribute no radius: they become 0.
-        radius = abs_linear(*(
-            _select(a, lambda i: i.radius, (lambda _c: 0.0) if k in perturbable else _keep)
-            for k, a in enumerate(args)
-        ))
-        return Interval.from_center_radius(center, radius)
+        centers, radii = list(args), list(args)
+        for k, a in enumerate(args):
+            if isinstance(a, Interval):
+                centers[k], radii[k] = a.center, a.radius
+            elif k in perturbable:
+                radii[k] = 0.0  # a constant operand contributes no radius
+        return Interval.from_center_radius(op(*centers), abs_linear(*radii))
 
     return rule
 
@@ -150,6 +144,21 @@ def box_leaky_relu(x: Interval, negative_slope: float) -> Interval:
     lower = torch.where((x.lower <= 0) & (x.upper >= 0), torch.zeros_like(fl),
                         torch.minimum(fl, fu))
     return Interval(lower, torch.maximum(fl, fu))
+
+
+@BOX.rule(ops.spec_linear)
+def box_spec_linear(x: Interval, weight: Tensor, bias: Tensor | None,
+                    spec: Tensor | None) -> Interval:
+    """The last layer with the C-matrix folded in: centre/radius with the fused weight ``C W``
+    (computed once for both), ``c' = C W c + C b`` and ``r' = |C W| r``."""
+    if spec is None:
+        return box_linear(x, weight, bias)  # noqa: F821 - derived below, called at run time
+    fused_w = torch.matmul(spec, weight)  # (batch, m, in)
+    center = torch.bmm(fused_w, x.center.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        center = center + torch.matmul(spec, bias)
+    radius = torch.bmm(fused_w.abs(), x.radius.unsqueeze(-1)).squeeze(-1)
+    return Interval.from_center_radius(center, radius)
 
 
 BOX.derive_missing()

@@ -110,7 +110,8 @@ class Builder:
                 self._source_names.setdefault(id(t), name)
         self.root = nn.Module()
         self.graph = fx.Graph()
-        self._constants: dict[int, fx.Node] = {}
+        # id(tensor) -> (tensor, node); holding the tensor keeps its id from being reused.
+        self._constants: dict[int, tuple[Tensor, fx.Node]] = {}
         self._names: set[str] = set()
         self.current: fx.Node | None = None  # the source node being mapped (for meta)
 
@@ -119,7 +120,7 @@ class Builder:
         """A ``get_attr`` node for a constant tensor; a parameter keeps its identity."""
         key = id(value)
         if key in self._constants:
-            return self._constants[key]
+            return self._constants[key][1]
         hint = self._source_names.get(key, hint)
         check_finite(value.detach(), f"model constant '{hint}'")
         name = self._unique(re.sub(r"\W+", "_", hint).strip("_") or "const")
@@ -128,7 +129,7 @@ class Builder:
         else:
             self.root.register_buffer(name, value.detach())
         node = self.graph.get_attr(name)
-        self._constants[key] = node
+        self._constants[key] = (value, node)
         return node
 
     def _unique(self, name: str) -> str:
@@ -320,13 +321,14 @@ def to_canonical(source: fx.GraphModule, example_input: Tensor, batched: bool = 
                 continue
             unsupported.append(UnsupportedOp(node.name, _describe(node, module), _where(node),
                                              _hint(node, module)))
-            env[node] = Traced(None, value)
+            # A stand-in node, so that the nodes after it are still checked (never returned).
+            env[node] = Traced(b.graph.placeholder(f"unsupported_{node.name}"), value)
             continue
         try:
             result = fn(b, args, kwargs, value, module)
         except UnsupportedOpsError as err:
             unsupported.extend(err.ops)
-            env[node] = Traced(None, value)
+            env[node] = Traced(b.graph.placeholder(f"unsupported_{node.name}"), value)
             continue
         env[node] = result if isinstance(result, Traced) else Traced(result, value)
 

@@ -9,8 +9,8 @@ For each network the script times, in the same run and on the same batch:
   ``certified_forward`` + backward of the IBP loss ``log(1 + Σ exp(−margin))``, compiled from the
   trainable model (batch norm kept as an affine op so gradients reach its parameters).
 
-Each measurement is the median of ``--repeats`` runs after ``--warmup`` runs (CUDA is
-synchronized around every run). The ratios ``certified / plain`` are printed; nothing is
+Each measurement is the median of ``--repeats`` runs after ``--warmup`` runs, baseline and
+certified runs alternating (CUDA is synchronized around every run). The ratios ``certified / plain`` are printed; nothing is
 asserted. Networks:
 
 * ``mlp``: the MNIST MLP 784-256-256-10, batch 32;
@@ -89,19 +89,23 @@ CASES = {
 }
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
+def paired_median_ms(baseline: Callable[[], object], candidate: Callable[[], object],
+                     device: torch.device, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median wall times (ms) of ``baseline()`` and ``candidate()``, measured alternately, so a
+    slow phase of a shared machine affects both alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        fn()
+        baseline()
+        candidate()
     sync()
-    times = []
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, bucket in ((baseline, times[0]), (candidate, times[1])):
+            start = time.perf_counter()
+            fn()
+            sync()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def ibp_loss(margins: Tensor) -> Tensor:
@@ -144,10 +148,9 @@ def bench(case: Case, device: torch.device, warmup: int, repeats: int) -> dict[s
 
     result = {}
     with torch.no_grad():
-        result["fwd"] = median_ms(plain, device, warmup, repeats)
-        result["cert"] = median_ms(bound, device, warmup, repeats)
-    result["fwd_bwd"] = median_ms(plain_train, device, warmup, repeats)
-    result["cert_bwd"] = median_ms(bound_train, device, warmup, repeats)
+        result["fwd"], result["cert"] = paired_median_ms(plain, bound, device, warmup, repeats)
+    result["fwd_bwd"], result["cert_bwd"] = paired_median_ms(plain_train, bound_train, device,
+                                                             warmup, repeats)
     assert any(p.grad is not None for p in net.parameters())  # gradients reached the model
     return result
 

@@ -54,6 +54,7 @@ class CertifiedModule(nn.Module):
         self.output_spec = output_spec
         self.input_shape: tuple[int, ...] = tuple(network.meta["certfx.input_shape"])
         self.output_shape: tuple[int, ...] = tuple(network.meta["certfx.output_shape"])
+        self.num_outputs = math.prod(self.output_shape)
 
     @property
     def code(self) -> str:
@@ -87,8 +88,9 @@ class CertifiedModule(nn.Module):
         lo, hi = self.input_bounds(x, eps)
         if y is None:
             return self.bounds(lo, hi)
-        k = math.prod(self.output_shape)
-        spec = self.output_spec.matrix(torch.as_tensor(y, device=x.device), k, dtype=x.dtype)
+        spec = self.output_spec.matrix(y.to(x.device) if isinstance(y, Tensor) else
+                                       torch.as_tensor(y, device=x.device),
+                                       self.num_outputs, dtype=x.dtype)
         if spec.shape[0] != x.shape[0]:
             raise ShapeError(f"{spec.shape[0]} labels for a batch of {x.shape[0]} inputs")
         return self.bounds(lo, hi, spec).lower

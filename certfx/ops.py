@@ -39,6 +39,7 @@ __all__ = [
     "OpTraits",
     "CORE_OPS",
     "is_core_op",
+    "abs_weight",
     "traits",
     "core_op",
     # affine
@@ -131,6 +132,36 @@ def _const(t: Any) -> Any:
     return t.abs() if isinstance(t, Tensor) else abs(t)
 
 
+_ABS_ATTRIBUTE = "_certfx_abs"  # per-tensor memo: (version, |w|)
+
+
+def abs_weight(w: Tensor) -> Tensor:
+    """``|w|`` for a weight tensor, memoized on the tensor itself when no gradient is needed.
+
+    Bounding an affine layer needs ``|W|`` on every call; for large weights computing it costs
+    about as much memory traffic as the layer itself. When autograd does not need it (frozen
+    weights, or ``torch.no_grad``), the result is kept as an attribute of ``w`` together with
+    ``w._version``, which every in-place update (an optimizer step, ``copy_``) increments, so a
+    changed weight is never paired with a stale ``|W|``.
+
+    Example:
+        >>> w = torch.tensor([[-1.0, 2.0]])
+        >>> abs_weight(w).tolist(), abs_weight(w) is abs_weight(w)
+        ([[1.0, 2.0]], True)
+        >>> _ = w.mul_(2)
+        >>> abs_weight(w).tolist()
+        [[2.0, 4.0]]
+    """
+    if w.requires_grad and torch.is_grad_enabled():
+        return w.abs()
+    cached = getattr(w, _ABS_ATTRIBUTE, None)
+    if cached is not None and cached[0] == w._version:
+        return cached[1]
+    result = w.detach().abs()
+    setattr(w, _ABS_ATTRIBUTE, (w._version, result))
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # Affine ops. ``linear_part``/``abs_linear_part`` are given for each one.
 # --------------------------------------------------------------------------------------------
@@ -141,7 +172,7 @@ def _linear_lin(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
 
 def _linear_abs(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    return F.linear(x, weight.abs())
+    return F.linear(x, abs_weight(weight))
 
 
 @core_op(affine=True, linear_part=_linear_lin, abs_linear_part=_linear_abs)
@@ -155,7 +186,7 @@ def _matmul_lin(x: Tensor, other: Tensor) -> Tensor:
 
 
 def _matmul_abs(x: Tensor, other: Tensor) -> Tensor:
-    return torch.matmul(x, other.abs())
+    return torch.matmul(x, abs_weight(other))
 
 
 @core_op(affine=True, linear_part=_matmul_lin, abs_linear_part=_matmul_abs)
@@ -180,7 +211,7 @@ def _conv_lin(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[i
 
 def _conv_abs(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
               padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    return _conv_call(x, weight.abs(), None, stride, padding, dilation, groups)
+    return _conv_call(x, abs_weight(weight), None, stride, padding, dilation, groups)
 
 
 @core_op(affine=True, linear_part=_conv_lin, abs_linear_part=_conv_abs)

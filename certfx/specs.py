@@ -135,13 +135,16 @@ class Margin:
 
     def matrix(self, y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """The C-matrix for labels ``y`` of shape ``(batch,)``."""
-        y = torch.as_tensor(y)
-        if y.dim() != 1:
-            raise SpecError(f"labels must be a 1-d tensor of class indices, got shape {tuple(y.shape)}")
+        y = y if isinstance(y, Tensor) else torch.as_tensor(y)
+        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise SpecError("labels must be a 1-d integer tensor of class indices, got "
+                            f"{y.dtype} of shape {tuple(y.shape)}")
         if num_classes < 2:
             raise SpecError("a margin specification needs at least 2 output classes")
-        if bool(((y < 0) | (y >= num_classes)).any()):
-            raise SpecError(f"labels must lie in [0, {num_classes - 1}], got {y.tolist()}")
+        if y.numel():
+            lowest, highest = torch.aminmax(y)
+            if int(lowest) < 0 or int(highest) >= num_classes:
+                raise SpecError(f"labels must lie in [0, {num_classes - 1}], got {y.tolist()}")
         return _margin_table(num_classes, dtype, y.device)[y]
 
 

@@ -381,6 +381,8 @@ def _avg_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
         names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"]
         k, s, p, c, inc = (_arg(args, kwargs, i, nm, dflt) for i, (nm, dflt) in
                            enumerate(zip(names, [None, None, None, 0, False, True])) if i > 0)
+        if _arg(args, kwargs, 6, "divisor_override", None):
+            raise _unsupported(b, "avg pool with divisor_override", "remove divisor_override")
     s = k if s is None or s == [] else s
     return b.call(ops.avg_pool, x, _pair(k, n), _pair(s, n), _pair(p, n), bool(c), bool(inc))
 

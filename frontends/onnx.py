@@ -48,7 +48,7 @@ import torch.fx as fx
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from certfx.errors import (InvalidValueError, ModelLoadError, ShapeError, UnsupportedOp,
+from certfx.errors import (ModelLoadError, ShapeError, UnsupportedOp,
                            UnsupportedOpsError)
 from certfx.frontends import onnx_ops  # noqa: F401  (registers the onnx2torch mappings)
 from certfx.passes.normalize import SOURCE_KEY

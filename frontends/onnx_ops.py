@@ -57,7 +57,7 @@ from onnx2torch.utils.common import old_style_broadcast
 from torch import Tensor
 
 from certfx import ops
-from certfx.errors import ShapeError, UnsupportedOp, UnsupportedOpsError
+from certfx.errors import ShapeError
 from certfx.passes.normalize import SOURCE_KEY, Builder, Traced, mapping
 
 __all__: list[str] = []
@@ -99,11 +99,6 @@ def _arg(args: Args, kwargs: Kwargs, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
 
 
-def _unsupported(b: Builder, what: str, hint: str) -> UnsupportedOpsError:
-    node = b.current
-    return UnsupportedOpsError("normalize", [UnsupportedOp(
-        node.name if node is not None else "?", what,
-        str(node.meta.get(SOURCE_KEY, "")) if node is not None else "", hint)])
 
 
 def _onnx_mapping(*keys: Any) -> Callable[[OnnxMapping], OnnxMapping]:
@@ -159,7 +154,7 @@ def _identity(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: Any) -> 
 @_onnx_mapping(OnnxCast)
 def _cast(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: OnnxCast) -> Result:
     if out.dtype != args[0].value.dtype:
-        raise _unsupported(b, f"Cast to {out.dtype}", "remove the cast; certfx computes in the "
+        b.unsupported(f"Cast to {out.dtype}", "remove the cast; certfx computes in the "
                            "input's dtype")
     return Traced(args[0].node, out)
 
@@ -174,7 +169,7 @@ def _shape(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: Any) -> Res
 def _matmul(b: Builder, a: Any, w: Any, out: Tensor) -> Result:
     """``a @ w`` (numpy semantics) with exactly one perturbed factor."""
     if _live(a) and _live(w):
-        raise _unsupported(b, "MatMul of two perturbed tensors", "only products with a "
+        b.unsupported("MatMul of two perturbed tensors", "only products with a "
                            "constant factor are supported (a product needs a non-linear rule)")
     if _live(a):
         x, c = a, _const(w)
@@ -184,12 +179,12 @@ def _matmul(b: Builder, a: Any, w: Any, out: Tensor) -> Result:
             node = b.call(ops.linear, x, _weight(b, c.reshape(1, -1)), None)
             return b.reshape_to(Traced(node, torch.matmul(x.value, c.reshape(-1, 1))), out)
         if x.value.dim() == 1:
-            raise _unsupported(b, "MatMul of a vector with a stack of matrices",
+            b.unsupported("MatMul of a vector with a stack of matrices",
                                "reshape the input to a matrix first")
         return b.call(ops.matmul, _align(b, x, out), c)
     x, c = w, _const(a)  # constant @ perturbed
     if c.dim() > 2:
-        raise _unsupported(b, "MatMul of a constant stack of matrices with the input",
+        b.unsupported("MatMul of a constant stack of matrices with the input",
                            "use a 2-D constant left factor")
     mat = c if c.dim() == 2 else c.reshape(1, -1)
     if x.value.dim() == 1:  # W @ x == linear(x, W)
@@ -287,12 +282,12 @@ def _binary(b: Builder, args: Args, kwargs: Kwargs, out: Any,
     x, y = args[0], args[1]
     if module.broadcast == 1 and module.axis is not None:  # opset < 7 broadcasting
         if _live(y):
-            raise _unsupported(b, f"{kind} with legacy broadcast of a perturbed tensor",
+            b.unsupported(f"{kind} with legacy broadcast of a perturbed tensor",
                                "upgrade the model to opset >= 7")
         y = old_style_broadcast(_const(x), _const(y), module.axis)
     if _live(x) and _live(y):
         if kind in ("Mul", "Div"):
-            raise _unsupported(b, f"{kind} of two perturbed tensors", "only products with and "
+            b.unsupported(f"{kind} of two perturbed tensors", "only products with and "
                                "divisions by constants are supported")
         op = ops.add if kind == "Add" else ops.sub
         return b.call(op, _align(b, x, out), _align(b, y, out))
@@ -312,10 +307,10 @@ def _binary(b: Builder, args: Args, kwargs: Kwargs, out: Any,
     if kind == "Mul":
         return b.call(ops.mul, live, c)
     if not first:
-        raise _unsupported(b, "Div by a perturbed tensor", "only division by constants is "
+        b.unsupported("Div by a perturbed tensor", "only division by constants is "
                            "supported")
     if not torch.is_floating_point(c) or bool((c == 0).any()):
-        raise _unsupported(b, "Div by zero or by an integer constant", "divide by a non-zero "
+        b.unsupported("Div by zero or by an integer constant", "divide by a non-zero "
                            "floating-point constant")
     return b.call(ops.div, live, c)
 
@@ -330,7 +325,7 @@ def _batch_norm(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: OnnxBa
     x, stats = args[0], [_arg(args, kwargs, i, n) for i, n in
                          enumerate(["weight", "bias", "running_mean", "running_var"], 1)]
     if any(_live(s) for s in stats):
-        raise _unsupported(b, "BatchNormalization with input-dependent parameters",
+        b.unsupported("BatchNormalization with input-dependent parameters",
                            "make scale, bias, mean and variance constants")
     weight, bias, mean, var = (_const(s) for s in stats)
     return b.call(ops.batch_norm, x, mean, var, weight, bias, float(module.epsilon))
@@ -350,7 +345,7 @@ def _function(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: OnnxFunc
     if module.function is torch.tanh:
         return b.call(ops.tanh, args[0])
     name = getattr(module.function, "__name__", str(module.function)).capitalize()
-    raise _unsupported(b, name, f"certfx has no core op for {name}; add one to certfx.ops with "
+    b.unsupported(name, f"certfx has no core op for {name}; add one to certfx.ops with "
                        "a rule per domain, or remove it from the model")
 
 
@@ -365,7 +360,7 @@ def _reshape(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: Any) -> R
 @_onnx_mapping(OnnxExpand)
 def _expand(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: Any) -> Result:
     if out.numel() != args[0].value.numel():
-        raise _unsupported(b, "Expand that broadcasts a perturbed tensor", "only shape changes "
+        b.unsupported("Expand that broadcasts a perturbed tensor", "only shape changes "
                            "that keep every entry are supported")
     return b.reshape_to(args[0], out)
 
@@ -425,7 +420,7 @@ def _slice(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: Any) -> Res
     result: Any = x
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if step <= 0:
-            raise _unsupported(b, "Slice with a negative step", "use a positive step")
+            b.unsupported("Slice with a negative step", "use a positive step")
         size = x.value.shape[axis % rank]
         lo, hi, st = slice(start, end, step).indices(size)
         if (lo, hi, st) == (0, size, 1):
@@ -438,14 +433,14 @@ def _slice(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: Any) -> Res
 def _gather(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: OnnxGather) -> Result:
     x, index = args[0], args[1]
     if _live(index) or not _live(x):
-        raise _unsupported(b, "Gather with input-dependent indices", "use constant indices")
+        b.unsupported("Gather with input-dependent indices", "use constant indices")
     rank = x.value.dim()
     axis = module._axis % rank
     size = x.value.shape[axis]
     idx = [int(i) % size for i in torch.as_tensor(_const(index)).reshape(-1).tolist()]
     steps = {j - i for i, j in zip(idx, idx[1:])}
     if not idx or len(steps) > 1 or (steps and min(steps) <= 0):
-        raise _unsupported(b, "Gather with non-contiguous indices",
+        b.unsupported("Gather with non-contiguous indices",
                            "only indices forming an increasing arithmetic sequence are supported")
     step = steps.pop() if steps else 1
     node = b.call(ops.strided_slice, x, b.axis(axis, rank), idx[0], idx[-1] + 1, step)
@@ -458,9 +453,9 @@ def _gather(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: OnnxGather
 
 def _pad_common(b: Builder, x: Traced, pads: list[int], mode: str, value: float) -> Result:
     if mode != "constant":
-        raise _unsupported(b, f"Pad with mode {mode!r}", "only constant padding is supported")
+        b.unsupported(f"Pad with mode {mode!r}", "only constant padding is supported")
     if not math.isfinite(value):
-        raise _unsupported(b, f"Pad with value {value} (asymmetric max-pool padding)",
+        b.unsupported(f"Pad with value {value} (asymmetric max-pool padding)",
                            "use symmetric pads in MaxPool")
     rank = x.value.dim()
     keep = rank - (1 if b.batched else 0)  # pairs that may pad: the non-batch dims
@@ -485,7 +480,7 @@ def _pad_dynamic(b: Builder, args: Args, kwargs: Kwargs, out: Any,
                  module: OnnxPadDynamic) -> Result:
     pads, value = _ints(_arg(args, kwargs, 1, "pads")), _arg(args, kwargs, 2, "constant_value")
     if _live(value):
-        raise _unsupported(b, "Pad with an input-dependent value", "use a constant value")
+        b.unsupported("Pad with an input-dependent value", "use a constant value")
     value = 0.0 if value is None else float(torch.as_tensor(_const(value)).reshape(-1)[0])
     assert pads is not None
     return _pad_common(b, args[0], _onnx_padding_to_torch(pads), module.mode, value)
@@ -511,7 +506,7 @@ def _reduce_static(b: Builder, args: Args, kwargs: Kwargs, out: Any,
                    module: OnnxReduceStaticAxes) -> Result:
     op = {"ReduceMean": ops.reduce_mean, "ReduceSum": ops.reduce_sum}.get(module.operation_type)
     if op is None:
-        raise _unsupported(b, module.operation_type, "only ReduceMean and ReduceSum are "
+        b.unsupported(module.operation_type, "only ReduceMean and ReduceSum are "
                            "supported")
     return _reduce(b, args[0], module.axes, module.keepdims, op)
 

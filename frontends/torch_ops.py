@@ -17,19 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certfx import ops
-from certfx.errors import ShapeError, UnsupportedOp, UnsupportedOpsError
+from certfx.errors import ShapeError
 from certfx.passes.normalize import Builder, Traced, mapping, method_key
 
 __all__: list[str] = []
 
 
-def _unsupported(b: Builder, what: str, hint: str) -> UnsupportedOpsError:
-    node = b.current
-    name = node.name if node is not None else "?"
-    from certfx.passes.normalize import _where  # the same location text as unmapped nodes
-
-    return UnsupportedOpsError("normalize", [UnsupportedOp(name, what, _where(node) if node
-                                                           else "", hint)])
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -51,14 +44,14 @@ def _pair(v: Any, n: int) -> tuple[int, ...]:
 def _identity(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any) -> Traced:
     x = args[0]
     if not isinstance(x, Traced):
-        raise _unsupported(b, "identity of a constant", "internal: constant not folded")
+        b.unsupported("identity of a constant", "internal: constant not folded")
     return Traced(x.node, out)
 
 
 @mapping(method_key("to"), method_key("type"))
 def _to(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any) -> Traced:
     if isinstance(out, Tensor) and out.dtype != args[0].value.dtype:
-        raise _unsupported(b, f"dtype conversion to {out.dtype}",
+        b.unsupported(f"dtype conversion to {out.dtype}",
                            "remove the cast; certfx computes in the input's dtype")
     return Traced(args[0].node, out)
 
@@ -74,7 +67,7 @@ def _linear_module(b: Builder, args: tuple, kwargs: dict, out: Any, module: nn.L
 def _linear_fn(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     x, w, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     if isinstance(w, Traced) or isinstance(bias, Traced):
-        raise _unsupported(b, "linear with an input-dependent weight",
+        b.unsupported("linear with an input-dependent weight",
                            "only constant weights are supported")
     return b.call(ops.linear, x, w, bias)
 
@@ -87,7 +80,7 @@ def _matmul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
             return b.reshape_to(Traced(b.call(ops.matmul, x, w.unsqueeze(1)), out), out)
         if w.dim() == 2 and x.value.dim() >= 2 or (not b.batched and w.dim() == 2):
             return b.call(ops.matmul, x, w)
-    raise _unsupported(b, "matmul", "only input @ constant matrix is supported; a product of "
+    b.unsupported("matmul", "only input @ constant matrix is supported; a product of "
                        "two perturbed tensors needs a non-linear domain rule")
 
 
@@ -100,7 +93,7 @@ def _conv(b: Builder, x: Traced, weight: Tensor, bias: Tensor | None, stride: An
         else:  # "same": PyTorch pads symmetrically only for odd effective kernels
             eff = [d * (k - 1) for d, k in zip(_pair(dilation, n), weight.shape[2:])]
             if any(e % 2 for e in eff):
-                raise _unsupported(b, "conv with padding='same' and an even kernel",
+                b.unsupported("conv with padding='same' and an even kernel",
                                    "use explicit padding plus F.pad")
             padding = [e // 2 for e in eff]
     return b.call(ops.conv, x, weight, bias, _pair(stride, n), _pair(padding, n),
@@ -111,7 +104,7 @@ def _conv(b: Builder, x: Traced, weight: Tensor, bias: Tensor | None, stride: An
 def _conv_module(b: Builder, args: tuple, kwargs: dict, out: Any, module: nn.Conv2d):
     x = args[0]
     if module.padding_mode != "zeros" and any(p for p in _pair(module.padding, 1)):
-        raise _unsupported(b, f"conv with padding_mode={module.padding_mode!r}",
+        b.unsupported(f"conv with padding_mode={module.padding_mode!r}",
                            "use padding_mode='zeros'")
     return _conv(b, x, module.weight, module.bias, module.stride, module.padding,
                  module.dilation, module.groups, out)
@@ -128,7 +121,7 @@ def _conv_fn(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 @mapping(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _batch_norm(b: Builder, args: tuple, kwargs: dict, out: Any, module: nn.BatchNorm2d):
     if module.running_mean is None or module.running_var is None:
-        raise _unsupported(b, "batch norm without running statistics",
+        b.unsupported("batch norm without running statistics",
                            "construct it with track_running_stats=True")
     return b.call(ops.batch_norm, args[0], module.running_mean, module.running_var,
                   module.weight, module.bias, float(module.eps))
@@ -151,7 +144,7 @@ def _add(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 @mapping(operator.sub, operator.isub, torch.sub, method_key("sub"), method_key("sub_"))
 def _sub(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     if kwargs.get("alpha", 1) != 1:
-        raise _unsupported(b, "sub with alpha", "write x - alpha * y")
+        b.unsupported("sub with alpha", "write x - alpha * y")
     return b.call(ops.sub, args[0], args[1])
 
 
@@ -159,7 +152,7 @@ def _sub(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 def _mul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     x, y = args[0], args[1]
     if isinstance(x, Traced) and isinstance(y, Traced):
-        raise _unsupported(b, "product of two perturbed tensors",
+        b.unsupported("product of two perturbed tensors",
                            "not supported by the interval lowering yet (needs a product rule)")
     if not isinstance(x, Traced):
         x, y = y, x
@@ -171,11 +164,11 @@ def _mul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 def _div(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     x, y = args[0], args[1]
     if isinstance(y, Traced) or kwargs.get("rounding_mode") is not None:
-        raise _unsupported(b, "division by a perturbed tensor",
+        b.unsupported("division by a perturbed tensor",
                            "only division by constants is supported")
     c = torch.as_tensor(y)
     if bool((c == 0).any()):
-        raise _unsupported(b, "division by zero", "the divisor constant contains 0")
+        b.unsupported("division by zero", "the divisor constant contains 0")
     return b.call(ops.div, x, y)
 
 
@@ -223,7 +216,7 @@ def _hardtanh(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 def _clamp(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
     if isinstance(lo, (Tensor, Traced)) or isinstance(hi, (Tensor, Traced)):
-        raise _unsupported(b, "clamp with tensor bounds", "use scalar min/max")
+        b.unsupported("clamp with tensor bounds", "use scalar min/max")
     return b.call(ops.hardtanh, args[0], -math.inf if lo is None else float(lo),
                   math.inf if hi is None else float(hi))
 
@@ -237,7 +230,7 @@ def _clamp(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 def _reshape(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     x = args[0]
     if out.numel() != x.value.numel():
-        raise _unsupported(b, "expand that broadcasts a perturbed tensor",
+        b.unsupported("expand that broadcasts a perturbed tensor",
                            "only shape changes that keep every entry are supported")
     return b.reshape_to(x, out)
 
@@ -283,7 +276,7 @@ def _getitem(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
         # Indexing into a shape (x.shape[1]) or a tuple of values: no tensor op.
         value = x.value[index] if isinstance(x, Traced) else x[index]
         if isinstance(value, Tensor):
-            raise _unsupported(b, "indexing a tuple of tensors", "return single tensors")
+            b.unsupported("indexing a tuple of tensors", "return single tensors")
         return Traced(None, value)
     return slice_by_index(b, x, index, out)
 
@@ -304,7 +297,7 @@ def slice_by_index(b: Builder, x: Traced, index: Any, out: Tensor):
     node: Any = x
     for dim, i in enumerate(expanded):
         if isinstance(i, Tensor) or isinstance(i, Traced) or isinstance(i, (list, bool)):
-            raise _unsupported(b, "advanced (tensor/list) indexing", "use slices and ints")
+            b.unsupported("advanced (tensor/list) indexing", "use slices and ints")
         if isinstance(i, slice) and i == slice(None):
             continue
         size = x.value.shape[dim]
@@ -313,7 +306,7 @@ def slice_by_index(b: Builder, x: Traced, index: Any, out: Tensor):
         else:
             start, stop, step = i.indices(size)
             if step <= 0:
-                raise _unsupported(b, "slice with a negative step", "use a positive step")
+                b.unsupported("slice with a negative step", "use a positive step")
         canonical = b.axis(dim, rank)
         node = Traced(b.call(ops.strided_slice, node, canonical, start, stop, step), None)
     result = node.node if isinstance(node, Traced) else node
@@ -339,7 +332,7 @@ def _pad(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
         mode = _arg(args, kwargs, 2, "mode", "constant")
         value = _arg(args, kwargs, 3, "value", 0.0)
         if mode != "constant":
-            raise _unsupported(b, f"pad mode {mode!r}", "only constant padding is supported")
+            b.unsupported(f"pad mode {mode!r}", "only constant padding is supported")
         value = 0.0 if value is None else float(value)
     pads = tuple(int(p) for p in pads)
     if len(pads) // 2 > x.value.dim() - (1 if b.batched else 0):
@@ -355,7 +348,7 @@ def _max_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     n = out.dim() - 2
     if module is not None:
         if module.return_indices:
-            raise _unsupported(b, "max pool returning indices", "set return_indices=False")
+            b.unsupported("max pool returning indices", "set return_indices=False")
         k, s, p, d, c = (module.kernel_size, module.stride, module.padding, module.dilation,
                          module.ceil_mode)
     else:
@@ -363,7 +356,7 @@ def _max_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
         k, s, p, d, c = (_arg(args, kwargs, i, nm, dflt) for i, (nm, dflt) in
                          enumerate(zip(names, [None, None, None, 0, 1, False])) if i > 0)
         if _arg(args, kwargs, 6, "return_indices", False):
-            raise _unsupported(b, "max pool returning indices", "set return_indices=False")
+            b.unsupported("max pool returning indices", "set return_indices=False")
     s = k if s is None or s == [] else s
     return b.call(ops.max_pool, x, _pair(k, n), _pair(s, n), _pair(p, n), _pair(d, n), bool(c))
 
@@ -374,7 +367,7 @@ def _avg_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     n = out.dim() - 2
     if module is not None:
         if getattr(module, "divisor_override", None):
-            raise _unsupported(b, "avg pool with divisor_override", "remove divisor_override")
+            b.unsupported("avg pool with divisor_override", "remove divisor_override")
         k, s, p, c, inc = (module.kernel_size, module.stride, module.padding, module.ceil_mode,
                            module.count_include_pad)
     else:
@@ -382,7 +375,7 @@ def _avg_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
         k, s, p, c, inc = (_arg(args, kwargs, i, nm, dflt) for i, (nm, dflt) in
                            enumerate(zip(names, [None, None, None, 0, False, True])) if i > 0)
         if _arg(args, kwargs, 6, "divisor_override", None):
-            raise _unsupported(b, "avg pool with divisor_override", "remove divisor_override")
+            b.unsupported("avg pool with divisor_override", "remove divisor_override")
     s = k if s is None or s == [] else s
     return b.call(ops.avg_pool, x, _pair(k, n), _pair(s, n), _pair(p, n), bool(c), bool(inc))
 
@@ -393,7 +386,7 @@ def _adaptive_avg_pool(b: Builder, args: tuple, kwargs: dict, out: Any, module: 
     x = args[0]
     in_sizes, out_sizes = x.value.shape[2:], out.shape[2:]
     if any(i % o for i, o in zip(in_sizes, out_sizes)):
-        raise _unsupported(b, "adaptive avg pool with non-dividing sizes",
+        b.unsupported("adaptive avg pool with non-dividing sizes",
                            "choose an output size that divides the input size")
     k = tuple(i // o for i, o in zip(in_sizes, out_sizes))
     return b.call(ops.avg_pool, x, k, k, (0,) * len(k), False, True)
@@ -425,5 +418,5 @@ def _sum(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 @mapping(method_key("size"), method_key("dim"), getattr)
 def _shape_value(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any) -> Traced:
     if isinstance(out, Tensor):
-        raise _unsupported(b, "attribute access returning a tensor", "avoid it in forward")
+        b.unsupported("attribute access returning a tensor", "avoid it in forward")
     return Traced(None, out)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.fx as fx
@@ -163,6 +163,14 @@ class Builder:
         if isinstance(a, (list, tuple)):
             return type(a)(self._arg(x) for x in a)
         return a
+
+    def unsupported(self, what: str, hint: str) -> NoReturn:
+        """Raise an :class:`UnsupportedOpsError` for the node being mapped (collected with all
+        other unsupported nodes by :func:`to_canonical`)."""
+        node = self.current
+        raise UnsupportedOpsError("normalize", [UnsupportedOp(
+            node.name if node is not None else "?", what, _where(node) if node is not None
+            else "", hint)])
 
     # ---- axes and shapes -------------------------------------------------------------------
     def axis(self, axis: int, rank: int) -> int:

@@ -38,40 +38,7 @@ from torch import Tensor, nn
 
 import certfx
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-class Normalize(nn.Module):
-    """``(x − mean) / std`` per channel."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-
-def mnist_mlp() -> nn.Module:
-    """The MNIST MLP 784-256-256-10."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256),
-                         nn.ReLU(), nn.Linear(256, 10))
-
-
-def cnn7(in_ch: int = 3, size: int = 32, classes: int = 10) -> nn.Module:
-    """CNN7 with batch norm (Shi et al. 2021; SABR/TAPS App. "Model Architectures")."""
-    layers: list[nn.Module] = [Normalize(CIFAR_MEAN, CIFAR_STD)]
-    channels, ch = [(64, 1), (64, 1), (128, 2), (128, 1), (128, 1)], in_ch
-    for out_ch, stride in channels:
-        layers += [nn.Conv2d(ch, out_ch, 3, stride=stride, padding=1), nn.BatchNorm2d(out_ch),
-                   nn.ReLU()]
-        ch = out_ch
-    flat = ch * (size // 2) ** 2
-    layers += [nn.Flatten(), nn.Linear(flat, 512), nn.BatchNorm1d(512), nn.ReLU(),
-               nn.Linear(512, classes)]
-    return nn.Sequential(*layers)
+from networks import cnn7, mnist_mlp  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 @dataclass(frozen=True)
@@ -84,7 +51,7 @@ class Case:
 
 
 CASES = {
-    "mlp": Case("mlp 784-256-256-10", mnist_mlp, (1, 28, 28), 32, 0.1),
+    "mlp": Case("mlp 784-256-256-10", lambda: mnist_mlp()[1:], (1, 28, 28), 32, 0.1),
     "cnn7": Case("cnn7 (CIFAR-10)", cnn7, (3, 32, 32), 8, 2 / 255),
 }
 

@@ -216,6 +216,11 @@ def _add_bounds(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                         'labels also "labels", "margin_lower", "certified") to OUT')
     p.add_argument("--batch-size", type=int, default=256,
                    help="inputs bounded at once (default: %(default)s)")
+    p.add_argument("--layers", action="store_true",
+                   help="also count the unstable ReLUs (input bounds straddling 0) per layer")
+    p.add_argument("--compare", metavar="D1,D2,...", default=None,
+                   help="compare domains side by side instead (e.g. box,deepz,deeppoly,crown): "
+                        "time, mean logit width, certified inputs, unstable ReLUs per layer")
     p.set_defaults(run=cmd_bounds)
 
 
@@ -350,6 +355,8 @@ def cmd_bounds(args: argparse.Namespace, console: Console) -> int:
     check_range(x, args.lower, args.upper, f"inputs in {args.input.name}")
     labels_source = args.labels if args.labels is not None else args.y
     y = read_labels(labels_source, x.shape[0]) if labels_source is not None else None
+    if args.compare is not None:
+        return _compare(args, gm, spec, x, y, console)
     cm = certfx.compile(gm, domain=args.domain, input_spec=spec)
     lows, highs, margins, preds = [], [], [], []
     with torch.no_grad():
@@ -375,8 +382,27 @@ def cmd_bounds(args: argparse.Namespace, console: Console) -> int:
     if certified is not None:
         console.print(_text(f"certified {int(certified.sum())}/{len(certified)} inputs at "
                             f"eps={args.eps:g} with the {cm.domain} domain", "bold"))
+    if args.layers:
+        from certfx.report import compare_domains, comparison_tables
+
+        console.print(comparison_tables(compare_domains(gm, [cm.domain], spec, x, y))[-1])
     if args.json is not None:
         console.print(_text(f"wrote {args.json}"))
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace, gm: fx.GraphModule, spec: certfx.LinfBall,
+             x: torch.Tensor, y: torch.Tensor | None, console: Console) -> int:
+    """``certfx bounds --compare``: the domains' tightness side by side."""
+    from certfx.report import compare_domains, comparison_tables
+
+    domains = [d.strip() for d in args.compare.split(",") if d.strip()]
+    if not domains:
+        raise CertfxError("--compare needs a comma-separated list of domains, e.g. box,crown")
+    for domain in domains:
+        certfx.get_domain(domain)  # unknown names fail before any work
+    for table in comparison_tables(compare_domains(gm, domains, spec, x, y)):
+        console.print(table)
     return EXIT_OK
 
 

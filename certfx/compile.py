@@ -123,11 +123,14 @@ def compile(model: Any, domain: str = "box", input_spec: InputSpec | None = None
     """
     from certfx.frontends import load
     from certfx.passes import PassManager, check_support, fuse_spec, lower
+    from certfx.passes.infra import clone_graph_module
 
     canonical = load(model, example_input, dump=dump)
     input_spec = input_spec if input_spec is not None else LinfBall(0.0)
     output_spec = output_spec if output_spec is not None else Margin()
-    network = PassManager([check_support(domain), fuse_spec], dump=dump).run(canonical)
+    # fuse_spec rewrites its graph in place: work on a copy that shares the parameters.
+    network = PassManager([check_support(domain), fuse_spec], dump=dump).run(
+        clone_graph_module(canonical))
     bounds = PassManager([lower(domain)], dump=dump).run(network)
     return CertifiedModule(network, bounds, bounds.meta["certfx.domain"], input_spec,
                            output_spec)

@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from certfx.errors import CertfxError, PassError
 
-__all__ = ["GraphPass", "graph_pass", "PassManager"]
+__all__ = ["GraphPass", "graph_pass", "PassManager", "clone_graph_module"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,19 @@ class PassManager:
             (folder / f"{index:02d}_{name}.txt").write_text(text)
         else:
             self.dump.write(text)
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copy of ``gm``'s graph (node metadata included) that shares
+    ``gm``'s parameters and buffers, so in-place passes on it leave ``gm`` untouched."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    clone = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    clone.meta.update(gm.meta)
+    for old, new in zip(gm.graph.nodes, clone.graph.nodes):
+        new.meta.update(old.meta)
+    return clone
 
 
 def _name_of(p: object) -> str:

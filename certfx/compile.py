@@ -25,7 +25,10 @@ from torch import Tensor, nn
 from certfx.errors import ShapeError
 from certfx.specs import InputSpec, LinfBall, Margin, check_finite
 
-__all__ = ["CertifiedModule", "compile"]
+__all__ = ["CertifiedModule", "compile", "LOWER_ONLY_KEY"]
+
+# meta key of generated modules whose forward takes ``bound_upper=False`` (lower bounds only)
+LOWER_ONLY_KEY = "certfx.lower_only_arg"
 
 
 class CertifiedModule(nn.Module):
@@ -93,6 +96,8 @@ class CertifiedModule(nn.Module):
                                        self.num_outputs, dtype=x.dtype)
         if spec.shape[0] != x.shape[0]:
             raise ShapeError(f"{spec.shape[0]} labels for a batch of {x.shape[0]} inputs")
+        if self.bounds.meta.get(LOWER_ONLY_KEY):  # skip the upper bounds nobody reads
+            return self.bounds(lo, hi, spec, bound_upper=False).lower
         return self.bounds(lo, hi, spec).lower
 
     def _check_input(self, x: Tensor, finite: bool = True) -> None:
@@ -109,17 +114,21 @@ class CertifiedModule(nn.Module):
 
 def compile(model: Any, domain: str = "box", input_spec: InputSpec | None = None,  # noqa: A001
             output_spec: Margin | None = None, example_input: Tensor | None = None,
-            dump: Any = False) -> CertifiedModule:
+            dump: Any = False, domain_options: Any = None) -> CertifiedModule:
     """Compile a model into a :class:`CertifiedModule` for ``domain``.
 
     Args:
         model: an ``nn.Module`` (with ``example_input``), an ONNX model or path, or a canonical
             graph from :func:`certfx.load`.
-        domain: ``"box"`` (aliases ``"interval"``, ``"ibp"``); more domains register themselves.
+        domain: ``"box"`` (aliases ``"interval"``, ``"ibp"``), ``"deepz"`` (alias
+            ``"zonotope"``); more domains register themselves.
         input_spec: the input set; default ``LinfBall(eps=0, lower=0, upper=1)``.
         output_spec: the output specification; default :class:`Margin`.
         example_input: one input batch, required for an ``nn.Module``.
         dump: print/write the graph after every pass (see ``PassManager``).
+        domain_options: the domain's options, e.g.
+            ``ZonotopeOptions(max_error_terms=1000)`` for ``"deepz"``; written into the
+            generated code.
     """
     from certfx.frontends import load
     from certfx.passes import PassManager, check_support, fuse_spec, lower
@@ -131,6 +140,6 @@ def compile(model: Any, domain: str = "box", input_spec: InputSpec | None = None
     # fuse_spec rewrites its graph in place: work on a copy that shares the parameters.
     network = PassManager([check_support(domain), fuse_spec], dump=dump).run(
         clone_graph_module(canonical))
-    bounds = PassManager([lower(domain)], dump=dump).run(network)
+    bounds = PassManager([lower(domain, domain_options)], dump=dump).run(network)
     return CertifiedModule(network, bounds, bounds.meta["certfx.domain"], input_spec,
                            output_spec)

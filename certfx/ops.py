@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import builtins
+import math  # noqa: F401 - used by a doctest
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,12 @@ __all__ = [
     "tanh",
     "hardtanh",
     "max_pool",
+    # smooth elementwise functions and products (ACE App. H)
+    "exp",
+    "log",
+    "reciprocal",
+    "product",
+    "softmax_entropy",
 ]
 
 
@@ -458,3 +465,50 @@ def max_pool(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
     return fn(x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
               ceil_mode=ceil_mode)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Smooth elementwise functions, the product of two perturbed tensors and the softmax entropy
+# (the building blocks of ACE's entropy selection, paper 000, Eq. 5 and App. H).
+# --------------------------------------------------------------------------------------------
+
+
+@core_op(monotone=True, elementwise=True)
+def exp(x: Tensor) -> Tensor:
+    """``e^x`` (increasing and convex)."""
+    return torch.exp(x)
+
+
+@core_op(monotone=True, elementwise=True)
+def log(x: Tensor) -> Tensor:
+    """Natural logarithm: increasing and concave on ``x > 0``; an input set reaching ``x ≤ 0``
+    has no finite bounds (the rules then return NaN or infinite bounds)."""
+    return torch.log(x)
+
+
+@core_op(elementwise=True)
+def reciprocal(x: Tensor) -> Tensor:
+    """``1 / x``: decreasing on each side of 0 (convex for ``x > 0``, concave for ``x < 0``),
+    unbounded on a set containing 0; not monotone, so domains write a rule for it."""
+    return torch.reciprocal(x)
+
+
+@core_op(elementwise=True, perturbed_args=(0, 1))
+def product(x: Tensor, y: Tensor) -> Tensor:
+    """``x * y`` of two perturbed tensors (broadcasting); a product with a constant is ``mul``."""
+    return x * y
+
+
+@core_op()
+def softmax_entropy(x: Tensor) -> Tensor:
+    """The entropy ``H(softmax(x))`` over dim 1 of logits ``(batch, n)``, shape ``(batch, 1)``.
+
+    One composite op, so that domains can bound it as a whole: ``H = log Σ e^x − Σ_j x_j p_j``
+    (paper 000, Eq. 5).
+
+    Example:
+        >>> round(softmax_entropy(torch.zeros(1, 4)).item(), 6) == round(math.log(4), 6)
+        True
+    """
+    lse = torch.logsumexp(x, dim=1, keepdim=True)
+    return lse - (torch.softmax(x, dim=1) * x).sum(dim=1, keepdim=True)

@@ -152,8 +152,7 @@ def _sub(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 def _mul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     x, y = args[0], args[1]
     if isinstance(x, Traced) and isinstance(y, Traced):
-        b.unsupported("product of two perturbed tensors",
-                           "not supported by the interval lowering yet (needs a product rule)")
+        return b.call(ops.product, x, y)  # needs the domain's product rule (ACE App. H.5)
     if not isinstance(x, Traced):
         x, y = y, x
     return b.call(ops.mul, x, y)
@@ -163,13 +162,21 @@ def _mul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
          method_key("div_"))
 def _div(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     x, y = args[0], args[1]
-    if isinstance(y, Traced) or kwargs.get("rounding_mode") is not None:
-        b.unsupported("division by a perturbed tensor",
-                           "only division by constants is supported")
+    if kwargs.get("rounding_mode") is not None:
+        b.unsupported("division with rounding", "only true division is supported")
+    if isinstance(y, Traced):  # x / y = x · (1/y)
+        inv = Traced(b.call(ops.reciprocal, y), None)
+        if isinstance(x, Traced):
+            return b.call(ops.product, x, inv)
+        return inv.node if _is_one(x) else b.call(ops.mul, inv, x)
     c = torch.as_tensor(y)
     if bool((c == 0).any()):
         b.unsupported("division by zero", "the divisor constant contains 0")
     return b.call(ops.div, x, y)
+
+
+def _is_one(c: Any) -> bool:
+    return isinstance(c, (int, float)) and c == 1
 
 
 @mapping(operator.neg, torch.neg, method_key("neg"))
@@ -199,6 +206,21 @@ def _sigmoid(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
 @mapping(nn.Tanh, torch.tanh, F.tanh, method_key("tanh"))
 def _tanh(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     return b.call(ops.tanh, args[0])
+
+
+@mapping(torch.exp, method_key("exp"))
+def _exp(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return b.call(ops.exp, args[0])
+
+
+@mapping(torch.log, method_key("log"))
+def _log(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return b.call(ops.log, args[0])
+
+
+@mapping(torch.reciprocal, method_key("reciprocal"))
+def _reciprocal(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return b.call(ops.reciprocal, args[0])
 
 
 @mapping(nn.Hardtanh, F.hardtanh, nn.ReLU6, F.relu6)

@@ -20,9 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch.fx as fx
 
 from certfx.domains import get_domain
+from certfx.errors import CertfxError
 from certfx.passes.check_support import check_support
 from certfx.passes.infra import GraphPass
 from certfx.passes.mark_perturbed import PERTURBED_KEY
@@ -32,12 +36,33 @@ __all__ = ["lower", "DOMAIN_KEY"]
 DOMAIN_KEY = "certfx.domain"
 
 
-def lower(domain: str) -> GraphPass:
-    """A pass that turns a canonical graph into the generated bound module of ``domain``."""
+def lower(domain: str, options: Any = None) -> GraphPass:
+    """A pass that turns a canonical graph into the generated bound module of ``domain``.
+
+    Args:
+        domain: the domain's name.
+        options: an instance of the domain's options dataclass (``Domain.options``, e.g.
+            :class:`~certfx.domains.zonotope.ZonotopeOptions`); its fields are written into the
+            generated code as keyword arguments of the input rule.
+
+    Raises:
+        CertfxError: for options of another type than the domain's.
+    """
     dom = get_domain(domain)
+    input_kwargs: dict[str, Any] = {}
+    if options is not None:
+        if dom.options is None or not isinstance(options, dom.options):
+            wanted = dom.options.__name__ if dom.options is not None else "no options"
+            raise CertfxError(f"domain '{dom.name}' takes {wanted}, got "
+                              f"{type(options).__name__}")
+        input_kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
     def run(gm: fx.GraphModule) -> fx.GraphModule:
         check_support(dom.name)(gm)
+        if dom.lowering is not None:  # e.g. back-substitution: whole backward passes
+            out = dom.lowering(gm, options)
+            out.meta[DOMAIN_KEY] = dom.name
+            return out
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -45,7 +70,7 @@ def lower(domain: str) -> GraphPass:
         for extra in placeholders[1:]:
             env[extra] = graph.placeholder(extra.name, default_value=extra.meta.get(
                 "certfx.default", None))
-        env[placeholders[0]] = graph.call_function(dom.input_rule, (lo, hi))
+        env[placeholders[0]] = graph.call_function(dom.input_rule, (lo, hi), input_kwargs)
         env[placeholders[0]].name = "x"  # keep the generated code's names readable
         for n in gm.graph.nodes:
             if n.op == "placeholder":

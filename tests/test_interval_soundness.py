@@ -80,6 +80,12 @@ CASES: dict[Callable[..., Any], list[Callable[[], tuple]]] = {
     ops.max_pool: [lambda: (P(B, 2, 6, 6), (3, 3), (2, 2), (1, 1), (1, 1), False),
                    lambda: (P(B, 2, 5, 5), (2, 2), (1, 1), (0, 0), (2, 2), True),
                    lambda: (P(B, 2, 9), (3,), (3,), (0,), (1,), False)],
+    ops.exp: [lambda: (P(B, 10),)],
+    ops.log: [lambda: (P(B, 10, positive=True),)],
+    ops.reciprocal: [lambda: (P(B, 10, positive=True),), lambda: (P(B, 10),)],
+    ops.product: [lambda: (P(B, 2, 5), P(B, 2, 5)), lambda: (P(B, 2, 5), P(B, 2, 1)),
+                  lambda: (P(B, 4), _c(4))],
+    ops.softmax_entropy: [lambda: (P(B, 5),)],
 }
 
 
@@ -87,6 +93,8 @@ def _box(p: P) -> Interval:
     center = torch.randn(*p.shape) * 2
     radius = torch.rand(*p.shape) * 1.5
     radius[torch.rand(*p.shape) < 0.1] = 0.0  # some degenerate (point) entries
+    if p.positive:  # the domain of log (and one side of the reciprocal)
+        center = center.abs() + radius + 0.05
     return Interval(center - radius, center + radius)
 
 
@@ -152,7 +160,8 @@ def test_box_rule_is_sound(op: Callable[..., Any], k: int) -> None:
 
 
 @pytest.mark.parametrize("op", [ops.relu, ops.sigmoid, ops.tanh, ops.hardtanh, ops.leaky_relu,
-                                ops.linear, ops.conv, ops.batch_norm, ops.max_pool])
+                                ops.linear, ops.conv, ops.batch_norm, ops.max_pool, ops.exp,
+                                ops.log, ops.reciprocal, ops.product])
 def test_box_rule_is_tight_at_end_points(op: Callable[..., Any]) -> None:
     """The rules are exact per output (monotone or centre/radius): some sample gets close."""
     torch.manual_seed(7)

@@ -54,6 +54,11 @@ class Domain:
         module: the module that holds the rules (derived rules are added to it).
         prefix: prefix of rule function names (``box_linear``).
         derivers: tried in order for ops without an explicit rule.
+        options: the frozen dataclass of the domain's options, if it has any; its fields are
+            keyword arguments of ``input_rule`` (``lower`` writes them into the generated code).
+        lowering: for domains that are not one forward rule per node (back-substitution), a
+            function ``(GraphModule, options or None) -> GraphModule`` generating the whole
+            bound module; ``passes.lower`` then delegates to it.
     """
 
     name: str
@@ -63,7 +68,9 @@ class Domain:
     prefix: str
     aliases: tuple[str, ...] = ()
     derivers: list[Deriver] = field(default_factory=list)
+    options: type | None = None
     rules: dict[Callable[..., Any], Rule] = field(default_factory=dict)
+    lowering: Callable[[Any, Any], Any] | None = None
 
     def rule(self, *ops: Callable[..., Any]) -> Callable[[Rule], Rule]:
         """Decorator registering a rule for one or more core ops.
@@ -165,3 +172,5 @@ def get_domain(name: str) -> Domain:
 def _load_builtin_domains() -> None:
     """Import the built-in domain modules (each registers itself on import)."""
     import certfx.domains.interval  # noqa: F401
+    import certfx.domains.zonotope  # noqa: F401
+    import certfx.domains.crown  # noqa: F401

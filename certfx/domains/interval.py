@@ -9,8 +9,11 @@ propagation", Sec. 3) keeps elementwise bounds ``l ≤ z ≤ u`` for every node:
   centre/radius form: with ``c = (u + l)/2`` and ``r = (u − l)/2``,
   ``f(z) ∈ [L c + b − |L| r, L c + b + |L| r]`` (Gowal et al., Eq. 6) — exact per output.
 
-Both rules are derived from the op traits of :mod:`certfx.ops`; only ops whose traits do not
-suffice (leaky ReLU with a negative slope) have a rule written here.
+Both rules are derived from the op traits of :mod:`certfx.ops` (so exp and log, being
+monotone, need nothing here; log's bounds are NaN where ``l < 0``); only ops whose traits do not
+suffice have a rule written here: leaky ReLU with a negative slope, the decreasing reciprocal,
+the product of two perturbed tensors (the four corner products, ACE Eq. 28–29) and the
+softmax entropy (interval arithmetic on Eq. 5 of ACE).
 
 Example:
     >>> import torch
@@ -25,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +40,8 @@ from certfx import ops
 from certfx.domains.base import Domain, Rule, register_domain
 from certfx.ops import OpTraits
 
-__all__ = ["Interval", "box_input", "BOX"]
+__all__ = ["Interval", "box_input", "box_product", "box_softmax_entropy", "entropy_shift",
+           "BOX"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,51 @@ def box_spec_linear(x: Interval, weight: Tensor, bias: Tensor | None,
     center = (spec * logits.unsqueeze(1)).sum(-1)  # (batch, m)
     radius = (torch.matmul(spec, weight).abs() * x_radius.unsqueeze(1)).sum(-1)
     return Interval.from_center_radius(center, radius)
+
+
+@BOX.rule(ops.reciprocal)
+def box_reciprocal(x: Interval) -> Interval:
+    """``1/x`` is decreasing on each side of 0: ``[1/u, 1/l]`` when ``0 ∉ [l, u]``; an
+    interval touching 0 has no finite bounds, ``[−∞, ∞]``."""
+    crossing = (x.lower <= 0) & (x.upper >= 0)
+    lower = torch.where(crossing, -math.inf, 1 / torch.where(crossing, 1.0, x.upper))
+    upper = torch.where(crossing, math.inf, 1 / torch.where(crossing, 1.0, x.lower))
+    return Interval(lower, upper)
+
+
+@BOX.rule(ops.product)
+def box_product(x: Interval | Tensor, y: Interval | Tensor) -> Interval:
+    """``x·y``: bilinear, so its extremes over a box are at the four corners (ACE Eq. 28–29).
+    Either factor may be a constant tensor."""
+    xl, xu = (x.lower, x.upper) if isinstance(x, Interval) else (x, x)
+    yl, yu = (y.lower, y.upper) if isinstance(y, Interval) else (y, y)
+    corners = torch.stack(torch.broadcast_tensors(xl * yl, xl * yu, xu * yl, xu * yu))
+    return Interval(corners.amin(0), corners.amax(0))
+
+
+def entropy_shift(x: Interval) -> Tensor:
+    """The constant ``c`` of the log-sum-exp form (paper 000, Eq. 5): ``max_j u_j`` per example,
+    so every ``e^{y_j − c} ≤ 1``. Any constant is exact; it only guards against overflow."""
+    return x.upper.detach().amax(dim=1, keepdim=True)
+
+
+@BOX.rule(ops.softmax_entropy)
+def box_softmax_entropy(x: Interval) -> Interval:
+    """Interval arithmetic on Eq. 5 of paper 000 (logits ``(batch, n)`` → ``(batch, 1)``)::
+
+        H = c + L − Σ_j y_j·p_j,   L = log Σ_i e^{y_i − c},   p_j = e^{y_j − c − L}
+
+    with monotone exp/log, interval subtraction and the corner product for ``y_j·p_j``; the
+    exponent of ``p_j`` is ``log p_j ≤ 0``, so its upper bound is capped at 0 (``p_j ≤ 1``).
+    """
+    c = entropy_shift(x)
+    lse = Interval(torch.log(torch.exp(x.lower - c).sum(1, keepdim=True)),
+                   torch.log(torch.exp(x.upper - c).sum(1, keepdim=True)))
+    probs = Interval(torch.exp(x.lower - c - lse.upper),
+                     torch.exp((x.upper - c - lse.lower).clamp_max(0.0)))
+    terms = box_product(x, probs)
+    return Interval(c + lse.lower - terms.upper.sum(1, keepdim=True),
+                    c + lse.upper - terms.lower.sum(1, keepdim=True))
 
 
 BOX.derive_missing()

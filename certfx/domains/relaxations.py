@@ -9,7 +9,9 @@ For an elementwise activation ``f`` on pre-activation bounds ``l ≤ x ≤ u`` a
 * a :class:`ParallelRelaxation`: ``f(x) ∈ λ x + μ ± β`` (two parallel lines), the form the
   zonotope transformers need (DeepZ, Singh et al. 2018, Thm. 3.1 for ReLU).
 
-Registering a new activation is one :func:`relaxation` entry.
+Registering a new activation is one :func:`relaxation` entry. ReLU and leaky ReLU are defined
+here; sigmoid, tanh, hardtanh, exp, log and reciprocal in
+:mod:`certfx.domains.relaxation_entries`.
 
 Example:
     >>> import torch
@@ -214,3 +216,8 @@ def _relu_parallel(lower: Tensor, upper: Tensor) -> ParallelRelaxation:
 
 relaxation(ops.relu, _relu_linear, _relu_parallel)
 relaxation(ops.leaky_relu, _leaky_relu_linear, _leaky_parallel)
+
+
+# The entries of sigmoid, tanh, hardtanh, exp, log and reciprocal register themselves from their
+# own module; importing it here completes the table whenever this module is loaded.
+from certfx.domains import relaxation_entries as _entries  # noqa: E402, F401

@@ -1,0 +1,231 @@
+"""The back-substitution domains: DeepPoly, CROWN, CROWN-IBP and α-CROWN.
+
+All four share the backward rules of :mod:`certfx.domains.linear_backward`, the shared
+relaxation table and one code generator (:mod:`certfx.domains.linear_lowering`):
+
+* ``"deeppoly"`` (Singh et al. 2019) and ``"crown"`` (Zhang et al. 2018): the bounds of every
+  relaxed op's input by a full backward pass to the input, adaptive lower slopes by default.
+  With the same slopes they are the same algorithm — DeepPoly's back-substitution *is* CROWN's
+  bound propagation — so both names lower to the very same code.
+* ``"crown-ibp"`` (Zhang et al. 2020, Sec. 3): intermediate bounds by interval propagation, the
+  output's bounds by one backward pass. Differentiable: a certified-training loss.
+* ``"alpha-crown"`` (Xu et al. 2021, "Fast and complete", Sec. 3.1): the lower slopes of
+  ReLU-like neurons become variables ``α ∈ [0, 1]``, one per neuron *and per output row*,
+  optimized by Adam to maximize the output's lower bounds (and minimize its upper bounds),
+  starting from the CROWN slopes and keeping the best bound seen per output. Every ``α`` gives
+  a sound bound, so the elementwise best over the steps is sound, and never looser than CROWN.
+
+Options (``certfx.compile(..., domain_options=...)``):
+
+* :class:`BacksubOptions` for deeppoly/crown/crown-ibp: ``slopes``, the lower-slope policy
+  (:class:`~certfx.domains.linear.Slopes`: adaptive, zero, one, parallel, or (p, q)-random).
+  It is the default of the generated module's ``slopes`` argument, so it can also be chosen
+  per call: ``cm.bounds(lower, upper, spec, slopes=Slopes(SlopePolicy.ZERO))``.
+* :class:`AlphaCrownOptions`: ``steps``, ``lr``, ``optimize_intermediate`` (also optimize the
+  slopes of every intermediate backward pass, jointly for the output's bound) and the initial
+  ``slopes``.
+
+α-CROWN's generated module is a small driver: ``self.intermediate`` (generated: the CROWN bounds
+the output's backward pass needs) and ``self.passes`` (generated: that pass, taking the slopes
+``alpha_out_<node>`` as inputs) are called by :func:`alpha_crown_optimize`, the Python loop of
+Adam steps. Its result is for verification: it carries no gradient to the model.
+
+Example:
+    >>> import torch, certfx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+    ...     _ = net[0].bias.zero_(); _ = net[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+    ...     _ = net[2].bias.zero_()
+    >>> x, ball = torch.zeros(1, 2), certfx.LinfBall(1.0, lower=None, upper=None)
+    >>> crown = certfx.compile(net, domain="crown", input_spec=ball, example_input=x)
+    >>> lo, hi = crown.certified_forward(x); lo.item(), hi.item()
+    (-3.0, 3.0)
+    >>> zero = certfx.compile(net, domain="crown", input_spec=ball, example_input=x,
+    ...                       domain_options=BacksubOptions(Slopes(SlopePolicy.ZERO)))
+    >>> lo, hi = zero.certified_forward(x); lo.item(), hi.item()
+    (-2.0, 2.0)
+    >>> alpha = certfx.compile(net, domain="alpha-crown", input_spec=ball, example_input=x)
+    >>> lo, hi = alpha.certified_forward(x); round(lo.item(), 4), round(hi.item(), 4)
+    (-2.0, 2.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from certfx.domains.base import Domain, expose_to_codegen, register_domain
+from certfx.domains.interval import Interval
+from certfx.domains.linear import LinearBounds, Slopes, lin_input
+from certfx.domains.linear_backward import BACK
+from certfx.compile import LOWER_ONLY_KEY
+from certfx.domains.linear_lowering import (ALPHA_KEY, DEFAULT_MAX_COEFFICIENTS, AlphaScope,
+                                            IntermediateBounds, emit_backsub)
+from certfx.domains.relaxations import SlopePolicy
+
+__all__ = [
+    "BacksubOptions",
+    "AlphaCrownOptions",
+    "alpha_crown_optimize",
+    "DEEPPOLY",
+    "CROWN",
+    "CROWN_IBP",
+    "ALPHA_CROWN",
+    "Slopes",
+    "SlopePolicy",
+]
+
+
+@dataclass(frozen=True)
+class BacksubOptions:
+    """Options of ``deeppoly``, ``crown`` and ``crown-ibp``.
+
+    Attributes:
+        slopes: the default lower-slope policy (per call: the ``slopes`` argument).
+        max_coefficients: per example, the largest coefficient tensor a backward pass may
+            form (compile fails beyond; memory ≈ 4 bytes × batch × this × a few temporaries).
+    """
+
+    slopes: Slopes = Slopes()
+    max_coefficients: int = DEFAULT_MAX_COEFFICIENTS
+
+
+@dataclass(frozen=True)
+class AlphaCrownOptions:
+    """Options of ``alpha-crown``.
+
+    Attributes:
+        steps: Adam steps (each one backward pass forward and back).
+        lr: Adam's learning rate.
+        optimize_intermediate: also optimize the slopes of the intermediate bounds' backward
+            passes (one set per pass), recomputing every pass at every step; slower, tighter.
+        slopes: the slopes the optimization starts from (CROWN's adaptive ones by default).
+        max_coefficients: as in :class:`BacksubOptions`.
+    """
+
+    steps: int = 20
+    lr: float = 0.5
+    optimize_intermediate: bool = False
+    slopes: Slopes = Slopes()
+    max_coefficients: int = DEFAULT_MAX_COEFFICIENTS
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError(f"need steps >= 0 and lr > 0, got {self.steps}, {self.lr}")
+
+
+def _backsub_lowering(intermediate: IntermediateBounds, class_name: str) -> Any:
+    def lowering(gm: fx.GraphModule, options: BacksubOptions | None) -> fx.GraphModule:
+        options = options or BacksubOptions()
+        return emit_backsub(gm, intermediate, options.slopes, class_name=class_name,
+                            max_coefficients=options.max_coefficients)
+
+    return lowering
+
+
+def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphModule,
+                         lower: Tensor, upper: Tensor, *extras: Any, slopes: Slopes,
+                         bound_upper: bool = True, steps: int, lr: float) -> Interval:
+    """α-CROWN's optimization loop around the generated modules (see the module docstring).
+
+    Args:
+        intermediate: returns the bounds ``passes`` takes (``None`` when ``passes`` computes
+            them itself, with its own slopes: ``optimize_intermediate``).
+        passes: returns ``(bounds, lower slopes used)`` given the slopes ``alpha_*``.
+        lower, upper, extras: the generated modules' inputs (``extras``: ``spec``).
+        slopes: the initial slope policy.
+        bound_upper: also bound (and tighten) the outputs from above.
+        steps, lr: Adam's steps and learning rate.
+    """
+    with torch.no_grad():
+        fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes)) if intermediate else ()
+        start, init = passes(lower, upper, *fixed, *extras, slopes=slopes,
+                             bound_upper=bound_upper)
+    best_lower, best_upper = start.lower, start.upper
+    layout = passes.meta[ALPHA_KEY]
+    if not layout or steps == 0:
+        return Interval(best_lower, best_upper)
+    outputs = best_lower[0].numel() * (2 if bound_upper else 1)
+    alphas = [s.expand(s.shape[0], rows or outputs, *s.shape[2:]).clone().requires_grad_(True)
+              for s, (_, rows) in zip(init, layout)]
+    names = [name for name, _ in layout]
+    optimizer = torch.optim.Adam(alphas, lr=lr)
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            out, _ = passes(lower, upper, *fixed, *extras, slopes=slopes,
+                            bound_upper=bound_upper, **dict(zip(names, alphas)))
+            if step < steps:  # maximize every lower bound, minimize every upper bound
+                loss = (out.upper.sum() if bound_upper else 0.0) - out.lower.sum()
+                grads = torch.autograd.grad(loss, alphas)
+        best_lower = torch.maximum(best_lower, out.lower.detach())
+        best_upper = torch.minimum(best_upper, out.upper.detach())
+        if step == steps:
+            break
+        for alpha, grad in zip(alphas, grads):
+            alpha.grad = grad
+        optimizer.step()
+        with torch.no_grad():  # project back onto the valid slopes
+            for alpha in alphas:
+                alpha.clamp_(0.0, 1.0)
+    return Interval(best_lower, best_upper)
+
+
+expose_to_codegen(alpha_crown_optimize)
+
+
+def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx.GraphModule:
+    options = options or AlphaCrownOptions()
+    root = torch.nn.Module()
+    budget = options.max_coefficients
+    if options.optimize_intermediate:
+        root.passes = emit_backsub(gm, IntermediateBounds.BACKSUB, options.slopes,
+                                   AlphaScope.ALL, result="bounds+slopes",
+                                   class_name="AlphaCrownPasses", max_coefficients=budget)
+    else:
+        root.intermediate = emit_backsub(gm, IntermediateBounds.BACKSUB, options.slopes,
+                                         result="intermediate", class_name="CrownIntermediate",
+                                         max_coefficients=budget)
+        root.passes = emit_backsub(gm, IntermediateBounds.BACKSUB, options.slopes,
+                                   AlphaScope.FINAL, bounds_inputs=True,
+                                   result="bounds+slopes", class_name="AlphaCrownFinal",
+                                   max_coefficients=budget)
+    graph = fx.Graph()
+    lower, upper = graph.placeholder("lower"), graph.placeholder("upper")
+    extras = [graph.placeholder(p.name, default_value=p.meta.get("certfx.default", None))
+              for p in list(gm.graph.nodes)[1:] if p.op == "placeholder"]
+    slopes = graph.placeholder("slopes", default_value=options.slopes)
+    bound_upper = graph.placeholder("bound_upper", default_value=True)
+    intermediate = (None if options.optimize_intermediate
+                    else graph.get_attr("intermediate"))
+    out = graph.call_function(alpha_crown_optimize,
+                              (intermediate, graph.get_attr("passes"), lower, upper, *extras),
+                              {"slopes": slopes, "bound_upper": bound_upper,
+                               "steps": options.steps, "lr": options.lr})
+    graph.output(out)
+    module = fx.GraphModule(root, graph, class_name="AlphaCrownBounds")
+    module.meta.update(gm.meta)
+    module.meta[LOWER_ONLY_KEY] = True
+    return module
+
+
+def _domain(name: str, aliases: tuple[str, ...], options: type, lowering: Any) -> Domain:
+    # The rule dict is BACK's own: a rule registered for one back-substitution domain (with
+    # ``@BACK.rule``) serves them all.
+    return register_domain(Domain(name=name, aliases=aliases, element=LinearBounds,
+                                  input_rule=lin_input, module=BACK.module, prefix=BACK.prefix,
+                                  options=options, rules=BACK.rules, lowering=lowering))
+
+
+DEEPPOLY = _domain("deeppoly", (), BacksubOptions,
+                   _backsub_lowering(IntermediateBounds.BACKSUB, "DeeppolyBounds"))
+CROWN = _domain("crown", (), BacksubOptions,
+                _backsub_lowering(IntermediateBounds.BACKSUB, "CrownBounds"))
+CROWN_IBP = _domain("crown-ibp", ("crown_ibp", "crownibp"), BacksubOptions,
+                    _backsub_lowering(IntermediateBounds.INTERVAL, "CrownIbpBounds"))
+ALPHA_CROWN = _domain("alpha-crown", ("alpha_crown", "alphacrown"), AlphaCrownOptions,
+                      _alpha_lowering)

@@ -1,0 +1,221 @@
+"""The :class:`LinearBounds` element of back-substitution and the primitives around it.
+
+Back-substitution (DeepPoly, Singh et al. 2019, Sec. 4; CROWN, Zhang et al. 2018, Thm. 3.2)
+keeps, for ``m`` target quantities ``q`` (logits, margins ``C·logits``, or the neurons of an
+intermediate node) and some node ``z`` of the graph, linear functions of ``z`` that bound them:
+
+    ``A_lower·z + b_lower ≤ q ≤ A_upper·z + b_upper``.
+
+Starting at the targets (``A = I``, or ``A = C`` for a specification) the functions are pushed
+backward through the graph, one op at a time (:mod:`certfx.domains.linear_backward`), until
+``z`` is the input, where they are *concretized* over the input set (:func:`lin_concretize`).
+
+One code path for both sides: a :class:`LinearBounds` stores only *lower* bounds, on the stacked
+targets ``[q; −q]`` (``2m`` rows), and the upper bound of ``q`` is the negated lower bound of
+``−q``. So every backward rule handles a single case, the sign split of a relaxation included.
+
+Example:
+    >>> import torch
+    >>> box = lin_input(torch.tensor([[-1.0, 0.0]]), torch.tensor([[1.0, 2.0]]))
+    >>> start = lin_identity(box.lower, (2,))   # q = z itself: rows [z; −z]
+    >>> lin_split(lin_concretize(start, box), (2,)).upper.tolist()
+    [[1.0, 2.0]]
+    >>> lb = LinearBounds(torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]]), torch.zeros(1, 2))
+    >>> lb.A_upper.tolist(), lin_split(lin_concretize(lb, box), ()).lower.tolist()
+    ([[[1.0, -1.0]]], [-3.0])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from certfx.domains.base import expose_to_codegen
+from certfx.domains.interval import Interval
+from certfx.domains.relaxations import SlopePolicy
+
+__all__ = [
+    "LinearBounds",
+    "Var",
+    "Slopes",
+    "lin_input",
+    "lin_identity",
+    "lin_output_start",
+    "lin_add",
+    "lin_concretize",
+    "lin_split",
+    "lin_intersect",
+    "lin_output_bounds",
+]
+
+
+@dataclass(frozen=True)
+class LinearBounds:
+    """Lower bounds ``q_r ≥ ⟨coef_r, z⟩ + bias_r`` on ``R`` stacked targets ``q``.
+
+    Rows ``[0, R/2)`` bound the targets from below; rows ``[R/2, R)`` bound their negations from
+    below, i.e. the targets from above (see the module docstring).
+
+    Attributes:
+        coef: ``(batch, R, *node_shape)``; batch 1 when the same for every example.
+        bias: ``(batch, R)`` (batch 1 likewise).
+    """
+
+    coef: Tensor
+    bias: Tensor
+
+    @property
+    def rows(self) -> int:
+        """``R``: twice the number of targets."""
+        return self.coef.shape[1]
+
+    @property
+    def A_lower(self) -> Tensor:  # noqa: N802 - the paper's notation
+        """``(batch, m, *node_shape)``: ``q ≥ A_lower·z + b_lower``."""
+        return self.coef[:, : self.rows // 2]
+
+    @property
+    def b_lower(self) -> Tensor:
+        """``(batch, m)``."""
+        return self.bias[:, : self.rows // 2]
+
+    @property
+    def A_upper(self) -> Tensor:  # noqa: N802 - the paper's notation
+        """``(batch, m, *node_shape)``: ``q ≤ A_upper·z + b_upper``."""
+        return -self.coef[:, self.rows // 2:]
+
+    @property
+    def b_upper(self) -> Tensor:
+        """``(batch, m)``."""
+        return -self.bias[:, self.rows // 2:]
+
+
+class Var(NamedTuple):
+    """Stands for a perturbed argument (of the given per-example shape) in a backward-rule call.
+
+    A backward rule takes the op's arguments with every perturbed tensor replaced by a ``Var``,
+    and returns one :class:`LinearBounds` per ``Var`` (a tuple when there are several).
+    """
+
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Slopes:
+    """How relaxations choose free lower slopes (ReLU-like neurons that cross 0).
+
+    Attributes:
+        policy: a :class:`~certfx.domains.relaxations.SlopePolicy`.
+        p, q: the probabilities of :attr:`SlopePolicy.RANDOM` (paper 004, Sec. 3.3): slope 1
+            with probability ``p`` where ``u ≥ −l``, with probability ``q`` elsewhere.
+
+    Example:
+        >>> Slopes.random(0.9, 0.1)
+        Slopes(SlopePolicy.RANDOM, 0.9, 0.1)
+    """
+
+    policy: SlopePolicy = SlopePolicy.ADAPTIVE
+    p: float = 1.0
+    q: float = 0.0
+
+    @staticmethod
+    def random(p: float, q: float) -> Slopes:
+        """The (p, q)-random lower slopes."""
+        if not (0.0 <= p <= 1.0 and 0.0 <= q <= 1.0):
+            raise ValueError(f"p and q must lie in [0, 1], got {p}, {q}")
+        return Slopes(SlopePolicy.RANDOM, p, q)
+
+    def __repr__(self) -> str:
+        # Valid Python: generated code prints the default of its ``slopes`` argument this way.
+        return f"Slopes(SlopePolicy.{self.policy.name}, {self.p!r}, {self.q!r})"
+
+
+def lin_input(lower: Tensor, upper: Tensor) -> Interval:
+    """The input set: the box ``[lower, upper]``, concretized by :func:`lin_concretize`."""
+    return Interval(lower, upper)
+
+
+def lin_identity(like: Tensor, shape: tuple[int, ...], bound_upper: bool = True
+                 ) -> LinearBounds:
+    """The start of the bounds of a node of per-example ``shape``: ``q = z``, rows ``[I; −I]``
+    (batch 1, shared by all examples), in the dtype and on the device of ``like``; only ``[I]``
+    (lower bounds) without ``bound_upper``."""
+    n = math.prod(shape)
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    coef = (torch.cat([eye, -eye]) if bound_upper else eye).reshape(1, -1, *shape)
+    return LinearBounds(coef, coef.new_zeros(1, coef.shape[1]))
+
+
+def lin_output_start(like: Tensor, spec: Tensor | None, shape: tuple[int, ...],
+                     bound_upper: bool = True) -> LinearBounds:
+    """The start at the output node: the identity over its ``shape``, or over its ``m`` outputs
+    when a specification ``spec`` (``(batch, m, K)``) is folded into the last op."""
+    return lin_identity(like, shape if spec is None else (spec.shape[1],), bound_upper)
+
+
+def lin_add(a: LinearBounds, b: LinearBounds) -> LinearBounds:
+    """Accumulate the contributions of two users of one node: the node's value enters the
+    targets through both, so ``q ≥ ⟨A₁ + A₂, z⟩ + b₁ + b₂`` (each bias holds the constants of
+    its own path only, see :mod:`certfx.domains.linear_backward`)."""
+    return LinearBounds(a.coef + b.coef, a.bias + b.bias)
+
+
+_BLOCK = 1 << 21  # entries of |A| formed at a time by lin_concretize
+
+
+def _dot(coef: Tensor, v: Tensor) -> Tensor:
+    """``⟨coef_r, v⟩`` per example and row: ``(B|1, R, n) × (B, n) → (B, R)``."""
+    if coef.shape[0] == 1:
+        return v @ coef[0].transpose(0, 1)
+    return torch.bmm(coef, v.unsqueeze(-1)).squeeze(-1)
+
+
+def lin_concretize(a: LinearBounds, box: Interval) -> Tensor:
+    """The lowest value of every row over the input set: ``(batch, R)``.
+
+    For the ℓ∞ box ``c ± r``: ``min_z ⟨A, z⟩ + b = ⟨A, c⟩ − ⟨|A|, r⟩ + b`` (CROWN, Zhang et
+    al. 2018, Thm. 3.2 with q = ∞; Hölder's inequality). This is the only place that knows the
+    input set's shape; an ℓ2 ball would use ``⟨A, c⟩ − ε‖A‖₂ + b`` here.
+    """
+    center, radius = box.center_radius()
+    coef = a.coef.flatten(2)
+    radius = radius.flatten(1)
+    # |A| in blocks of rows of about 2M entries: the same sums without a full-size temporary.
+    step = max(1, _BLOCK // (coef.shape[0] * coef.shape[2]))
+    spread = [_dot(coef[:, i:i + step].abs(), radius) for i in range(0, coef.shape[1], step)]
+    value = _dot(coef, center.flatten(1)) - (torch.cat(spread, 1) if len(spread) > 1
+                                             else spread[0])
+    return value + a.bias
+
+
+def lin_split(rows: Tensor, shape: tuple[int, ...]) -> Interval:
+    """The interval of ``m`` targets of per-example ``shape`` from the ``2m`` concretized rows
+    ``[lower bounds of q; lower bounds of −q]``."""
+    m = rows.shape[1] // 2
+    batch = rows.shape[0]
+    return Interval(rows[:, :m].reshape(batch, *shape), (-rows[:, m:]).reshape(batch, *shape))
+
+
+def lin_intersect(a: Interval, b: Interval) -> Interval:
+    """Both bounds hold, so their intersection does: ``[max(l_a, l_b), min(u_a, u_b)]``."""
+    return Interval(torch.maximum(a.lower, b.lower), torch.minimum(a.upper, b.upper))
+
+
+def lin_output_bounds(rows: Tensor, spec: Tensor | None, shape: tuple[int, ...],
+                      bound_upper: bool = True) -> Interval:
+    """Like :func:`lin_split` for the output node: ``shape`` without a specification, the
+    ``(m,)`` specified quantities with one. Without ``bound_upper`` the rows are lower bounds
+    only, and the upper bounds are ``+inf`` (true, and free)."""
+    if not bound_upper:
+        lower = rows.reshape(rows.shape[0], *(shape if spec is None else (-1,)))
+        return Interval(lower, torch.full_like(lower, math.inf))
+    return lin_split(rows, shape if spec is None else (rows.shape[1] // 2,))
+
+
+for _fn in (lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
+            lin_intersect, lin_output_bounds, Var, Slopes, SlopePolicy):
+    expose_to_codegen(_fn)

@@ -1,0 +1,419 @@
+"""Backward rules of back-substitution: push :class:`LinearBounds` through one core op.
+
+A backward rule ``back_<op>(a, *args)`` receives the bounds ``a`` on the targets as a linear
+function of the op's *output* and returns them as a function of the op's perturbed *inputs*
+(the op's arguments, with every perturbed one replaced by a :class:`~certfx.domains.linear.Var`
+carrying its shape). There are three kinds:
+
+* **affine ops** ``f(x) = L x + f(0)``, derived from the op traits: the coefficients move
+  through the transpose, ``A_in = Lᵀ A_out``, which is the vector-Jacobian product of the
+  op's ``linear_part``; ``torch.func.vjp`` computes it (a conv becomes a transposed conv, never
+  a dense Jacobian) and ``torch.func.vmap`` maps it over the rows. The constant enters the
+  bias, ``b += ⟨A_out, f(0)⟩`` (bias, batch-norm shift, pad value, added constants). A
+  multi-input op (``add`` of two perturbed nodes) returns one term per input; the incoming
+  bias goes to the first only, so that summing at a shared node counts it once.
+* **activations**, from the shared relaxation table: with lines ``α_l z + β_l ≤ f(z) ≤
+  α_u z + β_u``, the lower bound of ``⟨A, f(z)⟩`` uses the lower line where ``A ≥ 0`` and the
+  upper line where ``A < 0`` (CROWN, Zhang et al. 2018, Thm. 3.2; DeepPoly, Singh et al. 2019,
+  Sec. 4). The relaxation is computed once per node by ``relax_<op>(bounds, …)`` from the
+  bounds of the op's input.
+* **max_pool**: ``y ≥ x_j`` for the window entry ``j`` with the largest lower bound, and
+  ``y ≤ max_i u_i`` — or ``y = x_j`` when ``l_j ≥ u_i`` for all other ``i`` (the DeepPoly max-pool
+  transformer as implemented in ERAN).
+
+``conv``, ``concat`` and the two specification ops have hand-written rules (faster or with
+per-example constants); ``product`` and ``softmax_entropy`` have none and are rejected by
+``check_support``. New affine ops and new relaxation-table entries get rules automatically.
+
+Example:
+    >>> import torch
+    >>> from certfx import ops
+    >>> a = LinearBounds(torch.tensor([[[1.0, -2.0]]]), torch.zeros(1, 1))
+    >>> out = back_linear(a, Var((1,)), torch.tensor([[3.0], [1.0]]), torch.tensor([1.0, 1.0]))
+    >>> out.coef.tolist(), out.bias.tolist()     # (1·3 − 2·1) x + (1 − 2)
+    ([[[1.0]]], [[-1.0]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from certfx import ops
+from certfx.domains.base import Domain, Rule, expose_to_codegen
+from certfx.domains.interval import Interval
+from certfx.domains.linear import LinearBounds, Slopes, Var, lin_input
+from certfx.domains.relaxations import RELAXATIONS, LinearRelaxation, linear_relaxation
+from certfx.ops import OpTraits
+
+__all__ = ["BACK", "RELAX", "RELAX_WEIGHTED", "MaxPoolRelaxation", "WeightedRelaxation",
+           "has_free_slope", "UNSUPPORTED"]
+
+# Ops deliberately without a backward rule, and why (check_support names them).
+UNSUPPORTED = {
+    ops.product: "a product of two perturbed tensors needs a bilinear (McCormick) relaxation",
+    ops.softmax_entropy: "the softmax entropy has no linear relaxation here",
+}
+
+# Relaxations whose lines are always finite; others (reciprocal, log, exp) may carry ±inf or
+# NaN offsets, for which 0·∞ must count as 0 in the sign split.
+_FINITE = {ops.relu, ops.leaky_relu, ops.hardtanh, ops.sigmoid, ops.tanh}
+
+
+def _dot_const(coef: Tensor, value: Tensor) -> Tensor:
+    """``⟨coef_r, value⟩``: ``(B, R, *shape) × (1|B, *shape) → (B, R)``."""
+    value = torch.broadcast_to(value, (value.shape[0] if value.dim() == coef.dim() - 1 else 1,
+                                       *coef.shape[2:]))
+    if value.shape[0] == 1:
+        return coef.flatten(2) @ value.reshape(-1)
+    return (coef * value.unsqueeze(1)).flatten(2).sum(-1)
+
+
+def _terms(bias: Tensor, coefs: list[Tensor]) -> Any:
+    """One :class:`LinearBounds` per perturbed input; the bias travels with the first only."""
+    out = [LinearBounds(c, bias if k == 0 else torch.zeros_like(bias))
+           for k, c in enumerate(coefs)]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+# ---- affine ops, derived from the traits ----------------------------------------------------
+
+def _derive_affine(op: Callable[..., Any], op_traits: OpTraits) -> Rule | None:
+    """``A_in = Lᵀ A_out`` by ``vmap(vjp(linear_part))``, ``b += ⟨A_out, f(0)⟩``."""
+    if not op_traits.affine or op_traits.linear_part is None:
+        return None
+    linear_part = op_traits.linear_part
+    has_constant = linear_part is not op  # an op that is its own linear part has f(0) = 0
+    perturbable = set(op_traits.perturbed_args)
+
+    def rule(a: LinearBounds, *args: Any) -> Any:
+        where = [k for k, v in enumerate(args) if isinstance(v, Var)]
+        coef = a.coef
+        zeros = [coef.new_zeros((1, *args[k].shape)) for k in where]
+
+        def with_inputs(xs: tuple[Tensor, ...], others: Any) -> list[Any]:
+            full = [others if (k in perturbable and not isinstance(v, Var)) else v
+                    for k, v in enumerate(args)]
+            for k, x in zip(where, xs):
+                full[k] = x
+            return full
+
+        # Lᵀ A for all rows at once: the vjp at a batch-1 zero input, vmapped over the rows.
+        _, vjp_fn = torch.func.vjp(lambda *xs: linear_part(*with_inputs(xs, 0.0)), *zeros)
+        batch, rows = coef.shape[:2]
+        grads = torch.func.vmap(vjp_fn)(coef.reshape(batch * rows, 1, *coef.shape[2:]))
+        bias = a.bias
+        if has_constant:  # the constant term f(0), e.g. a layer's bias
+            f0 = op(*[x if not isinstance(x, Var) else z
+                      for x, z in zip(args, _zeros_at(args, where, zeros))])
+            bias = bias + _dot_const(coef, f0)
+        return _terms(bias, [g.reshape(batch, rows, *g.shape[2:]) for g in grads])
+
+    return rule
+
+
+def _zeros_at(args: tuple[Any, ...], where: list[int], zeros: list[Tensor]) -> list[Any]:
+    out = list(args)
+    for k, z in zip(where, zeros):
+        out[k] = z
+    return out
+
+
+# ---- activations, from the relaxation table -------------------------------------------------
+
+def _rowdot(coef: Tensor, value: Tensor) -> Tensor:
+    """``Σ coef·value`` per example and row: ``(B|1, R, *shape) × (B|1, 1|R, *shape) →
+    (B, R)``, as a matrix product where ``value`` is the same for every row."""
+    c = coef.flatten(2)
+    v = value.flatten(2)
+    if v.shape[1] != 1:
+        return (c * v).sum(-1)
+    if c.shape[0] == 1:
+        return v[:, 0] @ c[0].transpose(0, 1)
+    if v.shape[0] == 1:
+        return c @ v[0, 0]
+    return torch.bmm(c, v.transpose(1, 2)).squeeze(-1)
+
+
+def _back_relaxed(a: LinearBounds, r: LinearRelaxation, finite: bool) -> LinearBounds:
+    """CROWN's sign split (Zhang et al. 2018, Thm. 3.2): for lower bounds, the positive part
+    ``A⁺`` takes the lower line ``α_l z + β_l`` and the negative part ``A⁻`` the upper line
+    ``α_u z + β_u``: ``⟨A, f(z)⟩ ≥ ⟨A⁺α_l + A⁻α_u, z⟩ + ⟨A⁺, β_l⟩ + ⟨A⁻, β_u⟩``.
+    Relaxation fields are ``(batch, 1 or R, *shape)``."""
+    coef = a.coef
+    pos = coef.clamp(min=0)
+    neg = coef - pos
+    new_coef = torch.addcmul(neg * r.upper_slope, pos, r.lower_slope)
+    if finite:
+        bias = _rowdot(pos, r.lower_bias) + _rowdot(neg, r.upper_bias)
+    else:  # a zero coefficient on an infinite offset contributes nothing (not NaN)
+        terms = torch.where(pos > 0, pos * r.lower_bias, 0.0) + torch.where(
+            neg < 0, neg * r.upper_bias, 0.0)
+        bias = terms.flatten(2).sum(-1)
+    return LinearBounds(new_coef, a.bias + bias)
+
+
+def _derive_activation(op: Callable[..., Any], op_traits: OpTraits) -> Rule | None:
+    """``back_<op>(a, relaxation)`` for every op of the relaxation table."""
+    if op not in RELAXATIONS:
+        return None
+    finite = op in _FINITE
+
+    def rule(a: LinearBounds, relaxation: LinearRelaxation) -> LinearBounds:
+        return _back_relaxed(a, relaxation, finite)
+
+    return rule
+
+
+def has_free_slope(op: Callable[..., Any], *op_args: Any) -> bool:
+    """Whether ``op``'s relaxation has a free lower slope (α-CROWN can optimize it)."""
+    if op not in RELAXATIONS:
+        return False
+    try:
+        linear_relaxation(op, torch.tensor([-1.0]), torch.tensor([1.0]), *op_args,
+                          lower_slope=torch.tensor([0.5]))
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class WeightedRelaxation(LinearRelaxation):
+    """A relaxation whose lower line is ``(1 − w)·lowest + w·highest`` of the valid lower lines
+    of a free-slope relaxation (for ReLU: slope ``w``); ``weight`` is ``w``, α-CROWN's variable.
+    A convex combination of two lower lines is a lower line, so every ``w ∈ [0, 1]`` is sound."""
+
+    weight: Tensor
+
+
+def _named(fn: Callable[..., Any], name: str, doc: str) -> Callable[..., Any]:
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__doc__ = doc
+    globals()[name] = fn
+    expose_to_codegen(fn)
+    return fn
+
+
+def _make_relax(op: Callable[..., Any]) -> Callable[..., LinearRelaxation]:
+    def relax(bounds: Interval, *op_args: Any, slopes: Slopes = Slopes()) -> LinearRelaxation:
+        # (batch, 1, *shape): the lines broadcast over the rows of a LinearBounds.
+        return linear_relaxation(op, bounds.lower.unsqueeze(1), bounds.upper.unsqueeze(1),
+                                 *op_args, policy=slopes.policy, pq=(slopes.p, slopes.q))
+
+    return _named(relax, f"relax_{op.__name__}", f"The linear relaxation of ``{op.__name__}`` "
+                  "on the bounds of its input, from the shared relaxation table.")
+
+
+def _make_weighted_relax(op: Callable[..., Any]) -> Callable[..., WeightedRelaxation]:
+    def relax(bounds: Interval, *op_args: Any, slopes: Slopes = Slopes(),
+              alpha: Tensor | None = None) -> WeightedRelaxation:
+        # α-CROWN (Xu et al. 2021, Sec. 3.1): one weight per neuron and row, (batch, R, *shape).
+        lo, up = bounds.lower.unsqueeze(1), bounds.upper.unsqueeze(1)
+        low = linear_relaxation(op, lo, up, *op_args, lower_slope=torch.zeros_like(lo))
+        high = linear_relaxation(op, lo, up, *op_args, lower_slope=torch.ones_like(lo))
+        span = high.lower_slope - low.lower_slope
+        if alpha is None:  # the policy's line, and its weight as the starting point
+            r = linear_relaxation(op, lo, up, *op_args, policy=slopes.policy,
+                                  pq=(slopes.p, slopes.q))
+            free = span > 0
+            weight = torch.where(free, (r.lower_slope - low.lower_slope)
+                                 / torch.where(free, span, 1.0), 0.0)
+            return WeightedRelaxation(r.lower_slope, r.lower_bias, r.upper_slope, r.upper_bias,
+                                      weight)
+        # Projected onto [0, 1] in value, with the gradient of the identity (a clamp's is 0 at
+        # its ends, where the optimization starts).
+        w = alpha + (alpha.clamp(0.0, 1.0) - alpha).detach()
+        return WeightedRelaxation(low.lower_slope + w * span,
+                                  low.lower_bias + w * (high.lower_bias - low.lower_bias),
+                                  low.upper_slope, low.upper_bias, w)
+
+    return _named(relax, f"relax_{op.__name__}_weighted",
+                  f"The relaxation of ``{op.__name__}`` with its free lower line chosen by a "
+                  "weight ``alpha`` (see :class:`WeightedRelaxation`).")
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+BACK = Domain(
+    name="backward",  # a rule registry shared by the back-substitution domains; not registered
+    element=LinearBounds,
+    input_rule=lin_input,
+    module=__name__,
+    prefix="back",
+    derivers=[_derive_activation, _derive_affine],
+)
+
+# relax_<op>(bounds, *op_args, slopes=..., alpha=None) for every op with a backward rule that
+# needs the bounds of its input.
+RELAX: dict[Callable[..., Any], Callable[..., Any]] = {}
+# relax_<op>_weighted(bounds, *op_args, slopes=..., alpha=None) for the ops of the relaxation
+# table: used where α-CROWN optimizes a free lower slope (see ``has_free_slope``).
+RELAX_WEIGHTED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+# Hand-written rules for the commonest affine ops compute exactly what the derived rule does
+# (tests compare them), without the per-call cost of functorch's transforms.
+
+@BACK.rule(ops.linear)
+def back_linear(a: LinearBounds, x: Var, weight: Tensor, bias: Tensor | None = None
+                ) -> LinearBounds:
+    """``z = W x + b``: ``A_in = A W``, ``b += A b_W``."""
+    out_bias = a.bias
+    if bias is not None:  # over the last dim; summed over any leading dims of the node
+        out_bias = out_bias + (a.coef @ bias).reshape(*a.coef.shape[:2], -1).sum(-1)
+    return LinearBounds(torch.matmul(a.coef, weight), out_bias)
+
+
+@BACK.rule(ops.reshape)
+def back_reshape(a: LinearBounds, x: Var, shape: tuple[int, ...]) -> LinearBounds:
+    """A reshape of the value is the same reshape of every row's coefficients."""
+    return LinearBounds(a.coef.reshape(*a.coef.shape[:2], *x.shape), a.bias)
+
+
+@BACK.rule(ops.conv)
+def back_conv(a: LinearBounds, x: Var, weight: Tensor, bias: Tensor | None,
+              stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...],
+              groups: int) -> LinearBounds:
+    """The transposed convolution ``Wᵀ A`` (what the derived rule computes too, without its
+    wasted forward pass at the zero input), and ``b += Σ_c (Σ_pixels A_c) bias_c``."""
+    coef = a.coef
+    batch, rows = coef.shape[:2]
+    grad_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+                  3: torch.nn.grad.conv3d_input}[weight.dim() - 2]
+    flat = coef.reshape(batch * rows, *coef.shape[2:])
+    new = grad_input((batch * rows, *x.shape), weight, flat, tuple(stride), tuple(padding),
+                     tuple(dilation), groups)
+    out_bias = a.bias
+    if bias is not None:
+        out_bias = out_bias + coef.flatten(3).sum(-1) @ bias
+    return LinearBounds(new.reshape(batch, rows, *x.shape), out_bias)
+
+
+def _apply_spec_rows(coef: Tensor, spec: Tensor | None) -> Tensor:
+    """Rows over the specified quantities ``C z`` → rows over ``z``: ``A C``."""
+    return coef if spec is None else torch.matmul(coef, spec)
+
+
+@BACK.rule(ops.spec_linear)
+def back_spec_linear(a: LinearBounds, x: Var, weight: Tensor, bias: Tensor | None,
+                     spec: Tensor | None) -> LinearBounds:
+    """``q = C (W x + b)``: rows ``A`` over ``q`` become ``(A C) W`` over ``x`` with bias
+    ``(A C) b``. Starting the backward pass with ``A = I`` here is the specification entering
+    as the initial coefficients, the tight way (no bounds on the logits are formed)."""
+    over_logits = _apply_spec_rows(a.coef, spec)  # (batch, R, K)
+    out_bias = a.bias if bias is None else a.bias + over_logits @ bias
+    return LinearBounds(over_logits @ weight, out_bias)
+
+
+@BACK.rule(ops.apply_spec)
+def back_apply_spec(a: LinearBounds, x: Var, spec: Tensor | None) -> LinearBounds:
+    """``q = C vec(x)``: rows ``A C`` over ``x`` (reshaped to its shape)."""
+    coef = _apply_spec_rows(a.coef, spec)
+    return LinearBounds(coef.reshape(*coef.shape[:2], *x.shape), a.bias)
+
+
+@BACK.rule(ops.concat)
+def back_concat(a: LinearBounds, xs: list[Any], dim: int) -> Any:
+    """Split the coefficients along ``dim``; constant pieces go into the bias."""
+    sizes = [x.shape[dim - 1] if isinstance(x, Var) else x.shape[dim] for x in xs]
+    pieces = a.coef.split(sizes, dim=dim + 1)  # coefficient dims: (batch, R, *node_shape)
+    bias = a.bias
+    coefs = []
+    for piece, x in zip(pieces, xs):
+        if isinstance(x, Var):
+            coefs.append(piece)
+        else:
+            bias = bias + _dot_const(piece, x)
+    return _terms(bias, coefs)
+
+
+# ---- max pooling ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MaxPoolRelaxation:
+    """Per output entry: ``x_index ≤ y``, and ``y ≤ upper``, or ``y = x_index`` where ``exact``.
+
+    Attributes:
+        index: ``(batch, 1, C, L_out)`` flat input position (within a channel) of the selected
+            window entry.
+        exact: ``(batch, 1, C, L_out)``: the selected entry is the maximum for every point.
+        upper: ``(batch, 1, C, L_out)``: the largest upper bound in the window.
+        in_shape: the per-example input shape ``(C, *spatial)``.
+    """
+
+    index: Tensor
+    exact: Tensor
+    upper: Tensor
+    in_shape: tuple[int, ...]
+
+
+def _windows(t: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+             padding: tuple[int, ...], dilation: tuple[int, ...], out: tuple[int, ...],
+             fill: float) -> Tensor:
+    """The pooling windows of ``t`` ``(B, C, *spatial)`` as ``(B, C, *out, K)``, padded with
+    ``fill`` like ``max_pool`` (including the extra right padding of ``ceil_mode``)."""
+    d = len(kernel)
+    pads: list[int] = []
+    for i in reversed(range(d)):  # F.pad order: last dim first
+        span = dilation[i] * (kernel[i] - 1) + 1
+        need = (out[i] - 1) * stride[i] + span
+        pads += [padding[i], max(need - t.shape[2 + i] - padding[i], 0)]
+    t = F.pad(t, pads, value=fill)
+    for i in range(d):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        t = t.unfold(2 + i, span, stride[i])[..., :: dilation[i]].narrow(2 + i, 0, out[i])
+    return t.flatten(-d)
+
+
+def relax_max_pool(bounds: Interval, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                   padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool, *,
+                   slopes: Slopes = Slopes()) -> MaxPoolRelaxation:
+    """Select, per window, the entry with the largest lower bound (see the module docstring)."""
+    lower, upper = bounds.lower, bounds.upper
+    args = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    u_max = ops.max_pool(upper, *args, ceil_mode)
+    out = tuple(u_max.shape[2:])
+    lw = _windows(lower, *args, out, -math.inf)
+    uw = _windows(upper, *args, out, -math.inf)
+    spatial = lower.shape[2:]
+    positions = torch.arange(math.prod(spatial), device=lower.device,
+                             dtype=lower.dtype).reshape(1, 1, *spatial)
+    iw = _windows(positions, *args, out, -1.0)
+    pick = lw.argmax(-1, keepdim=True)
+    index = iw.expand(lw.shape).gather(-1, pick).squeeze(-1).long()
+    others = uw.scatter(-1, pick, -math.inf).amax(-1)
+    exact = lw.gather(-1, pick).squeeze(-1) >= others
+    flat = (lower.shape[0], 1, lower.shape[1], -1)
+    return MaxPoolRelaxation(index.reshape(flat), exact.reshape(flat), u_max.reshape(flat),
+                             tuple(lower.shape[1:]))
+
+
+@BACK.rule(ops.max_pool)
+def back_max_pool(a: LinearBounds, relaxation: MaxPoolRelaxation) -> LinearBounds:
+    """Rows with ``A ≥ 0`` (and all rows where exact) go to the selected entry; rows with
+    ``A < 0`` elsewhere take the constant upper bound into the bias."""
+    r = relaxation
+    coef = a.coef.flatten(3)  # (batch, R, C, L_out)
+    to_entry = torch.where(r.exact, coef, coef.clamp(min=0))
+    constant = torch.where(r.exact, 0.0, coef.clamp(max=0)) * r.upper
+    batch = max(coef.shape[0], r.index.shape[0])
+    shape = (batch, coef.shape[1], r.in_shape[0], math.prod(r.in_shape[1:]))
+    new = coef.new_zeros(shape).scatter_add(-1, r.index.expand(*shape[:3], -1),
+                                            to_entry.expand(*shape[:3], -1))
+    return LinearBounds(new.reshape(*shape[:2], *r.in_shape),
+                        a.bias + constant.flatten(2).sum(-1))
+
+
+RELAX[ops.max_pool] = relax_max_pool
+expose_to_codegen(relax_max_pool)
+for _op in RELAXATIONS:
+    RELAX[_op] = _make_relax(_op)
+    RELAX_WEIGHTED[_op] = _make_weighted_relax(_op)
+BACK.derive_missing()

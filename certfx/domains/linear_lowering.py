@@ -1,0 +1,357 @@
+"""The lowering of the back-substitution domains: backward passes emitted as plain tensor code.
+
+Unlike a forward domain (one rule call per node), a back-substitution domain needs, for every
+node whose bounds it uses, a whole *backward pass*: a chain of backward-rule calls from that node
+to the input. This module plans those passes on the canonical graph at compile time and emits
+them, unrolled, into a new GraphModule, so that nothing walks a graph at run time:
+
+1. **Which bounds are needed.** Every relaxed op (activation, max-pool) needs the bounds of its
+   input. With ``IntermediateBounds.INTERVAL`` (CROWN-IBP, Zhang et al. 2020, Sec. 3) they come
+   from interval propagation. With ``IntermediateBounds.BACKSUB`` (DeepPoly/CROWN) such a node
+   gets them from a backward pass to the input, intersected with the interval bounds that the
+   (already intersected) bounds of its inputs give — both are sound, and the interval ones are
+   sometimes tighter (CROWN's relaxation of a sigmoid loses against its exact range). No
+   backward pass is needed where interval arithmetic is exact: at the output of a relaxed op
+   (``[f(l), f(u)]`` is exact per neuron given its input's bounds) and at a node reached from
+   the input through affine ops of which at most one mixes coordinates (a box maps exactly
+   through one affine map and through any diagonal ones).
+2. **One backward pass per such node and one for the output**, visiting its ancestors in reverse
+   topological order and summing the terms of nodes with several users (residual blocks).
+
+The generated ``forward(lower, upper, spec=None, slopes=..., bound_upper=True)`` returns an
+:class:`~certfx.domains.interval.Interval` on the outputs (with ``spec``: on ``C·output``);
+with ``bound_upper=False`` the output's pass bounds only from below (half the rows; the upper
+bounds are then ``+inf``) — all that margin certification and certified training need.
+Variants for α-CROWN take the lower slopes as extra inputs (see :mod:`certfx.domains.crown`).
+
+Example:
+    >>> import torch, certfx
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    >>> gm = emit_backsub(certfx.load(net, torch.zeros(1, 2)), IntermediateBounds.BACKSUB)
+    >>> print(gm.code.split("def forward")[1].split(":")[0])
+    (self, lower, upper, slopes = Slopes(SlopePolicy.ADAPTIVE, 1.0, 0.0), bound_upper = True)
+    >>> "back_relu(" in gm.code and "lin_concretize(" in gm.code
+    True
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from certfx import ops
+from certfx.compile import LOWER_ONLY_KEY
+from certfx.domains.base import get_domain
+from certfx.domains.linear import (Slopes, Var, lin_add, lin_concretize, lin_identity,
+                                   lin_input, lin_intersect, lin_output_bounds, lin_output_start,
+                                   lin_split)
+from certfx.domains.linear_backward import BACK, RELAX, RELAX_WEIGHTED, has_free_slope
+from certfx.domains.relaxations import RELAXATIONS, linear_relaxation
+from certfx.errors import CertfxError, UnsupportedOp, UnsupportedOpsError
+
+__all__ = ["IntermediateBounds", "AlphaScope", "emit_backsub", "ALPHA_KEY",
+           "DEFAULT_MAX_COEFFICIENTS"]
+
+PERTURBED_KEY = "certfx.perturbed"  # as written by passes.mark_perturbed / shape_prop
+SHAPE_KEY = "certfx.shape"
+ALPHA_KEY = "certfx.alpha"  # meta of α modules: [(placeholder name, rows or None)]
+
+# Affine ops that keep a box a box exactly (diagonal maps, selections, embeddings).
+_DIAGONAL = {ops.mul, ops.div, ops.neg, ops.batch_norm, ops.add, ops.sub}
+_SELECTING = {ops.reshape, ops.permute, ops.strided_slice, ops.pad, ops.concat}
+
+
+class IntermediateBounds(enum.Enum):
+    """Where the bounds of relaxed ops' inputs come from."""
+
+    BACKSUB = "backsub"    # DeepPoly / CROWN: a backward pass to the input per node
+    INTERVAL = "interval"  # CROWN-IBP: interval propagation
+
+
+class AlphaScope(enum.Enum):
+    """Which backward passes take their free lower slopes as inputs (α-CROWN)."""
+
+    NONE = "none"
+    FINAL = "final"  # the output's pass only
+    ALL = "all"      # every pass
+
+
+def _perturbed(n: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("placeholder", "call_function") \
+        and bool(n.meta.get(PERTURBED_KEY, True))
+
+
+def _inputs(n: fx.Node) -> list[fx.Node]:
+    """The perturbed arguments of ``n`` in order of appearance (lists flattened)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((n.args, n.kwargs), lambda a: found.append(a) if _perturbed(a) else None)
+    return found
+
+
+def _relaxed(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in RELAX
+
+
+class _Emitter:
+    """Builds one generated graph; see :func:`emit_backsub`."""
+
+    def __init__(self, gm: fx.GraphModule, intermediate: IntermediateBounds, slopes: Slopes,
+                 alpha: AlphaScope, bounds_inputs: bool, max_coefficients: int):
+        self.gm, self.mode, self.alpha_scope = gm, intermediate, alpha
+        self.max_coefficients = max_coefficients
+        self.too_big: list[str] = []  # backward passes over the coefficient budget
+        self.bounds_inputs = bounds_inputs
+        self.nodes = list(gm.graph.nodes)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.input = placeholders[0]
+        self.output = next(n for n in self.nodes if n.op == "output").args[0]
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}       # constants of the canonical graph
+        self.bounds: dict[fx.Node, fx.Node] = {}  # Interval of a node's value
+        self.relax: dict[tuple[fx.Node, str], fx.Node] = {}
+        self.alphas: list[tuple[str, int | None]] = []
+        self.slope_nodes: list[fx.Node] = []
+        self.starts: dict[str, fx.Node] = {}  # backward pass name -> its start node
+        self.lower = self.g.placeholder("lower")
+        self.upper = self.g.placeholder("upper")
+        self.final_inputs = self.relax_inputs(self._ancestors(self.output))
+        if bounds_inputs:  # placeholders without defaults come first
+            for p in self.final_inputs:
+                self.bounds[p] = self.g.placeholder(f"bounds_{p.name}")
+        for extra in placeholders[1:]:
+            self.env[extra] = self.g.placeholder(extra.name, default_value=extra.meta.get(
+                "certfx.default", None))
+        self.spec = next((self.env[p] for p in placeholders[1:] if p.name == "spec"), None)
+        self.slopes = self.g.placeholder("slopes", default_value=slopes)
+        self.bound_upper = self.g.placeholder("bound_upper", default_value=True)
+        self.box = self._call(lin_input, (self.lower, self.upper), "x")
+        self.bounds[self.input] = self.box
+
+    # -- small helpers --------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], name: str,
+              kwargs: dict[str, Any] | None = None) -> fx.Node:
+        return self.g.create_node("call_function", fn, args, kwargs or {}, name=name)
+
+    def _const(self, arg: Any) -> Any:
+        return fx.node.map_arg(arg, lambda a: self.env[a])
+
+    def _ancestors(self, start: fx.Node) -> set[fx.Node]:
+        seen, todo = {start}, [start]
+        while todo:
+            for p in _inputs(todo.pop()):
+                if p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        return seen
+
+    def _exact_by_intervals(self, n: fx.Node) -> bool:
+        """Whether interval propagation from the input to ``n`` is exact (module docstring)."""
+        mixing, cur = 0, n
+        while cur is not self.input:
+            inputs = _inputs(cur)
+            if _relaxed(cur) or len(inputs) != 1 or not ops.traits(cur.target).affine:
+                return False
+            same_shape = cur.meta.get(SHAPE_KEY) == inputs[0].meta.get(SHAPE_KEY)
+            if not (cur.target in _SELECTING or (cur.target in _DIAGONAL and same_shape)):
+                mixing += 1
+            if mixing > 1:
+                return False
+            cur = inputs[0]
+        return True
+
+    # -- planning -------------------------------------------------------------------------
+    def relax_inputs(self, within: set[fx.Node]) -> list[fx.Node]:
+        """Inputs of the relaxed nodes in ``within``, in graph order (no repeats)."""
+        found = {n.args[0] for n in within if _relaxed(n)}
+        return [n for n in self.nodes if n in found]
+
+    def plan(self) -> dict[fx.Node, str]:
+        """``node -> "interval" | "both"`` (intervals intersected with a backward pass) for
+        every node whose bounds are needed."""
+        relaxed_inputs = set(self.relax_inputs({n for n in self.nodes if _perturbed(n)}))
+        needed = set(relaxed_inputs)  # grows by the inputs of interval rules
+        method: dict[fx.Node, str] = {}
+        for n in reversed(self.nodes):
+            if n not in needed or n is self.input:
+                continue
+            by_intervals = (self.mode is IntermediateBounds.INTERVAL or _relaxed(n)
+                            or n not in relaxed_inputs or self._exact_by_intervals(n))
+            method[n] = "interval" if by_intervals else "both"
+            needed.update(_inputs(n))
+        return method
+
+    # -- emission -------------------------------------------------------------------------
+    def emit(self, result: str) -> fx.Graph:
+        """``result``: ``"bounds"`` (the output's Interval), ``"intermediate"`` (the tuple of
+        bounds the output's pass uses) or ``"bounds+slopes"`` (α modules)."""
+        method = {} if self.bounds_inputs else self.plan()
+        for n in self.nodes:
+            if n.op == "get_attr":
+                self.env[n] = self.g.get_attr(str(n.target))
+            elif n.op == "call_function" and not _perturbed(n):
+                self.env[n] = self.g.create_node("call_function", n.target,
+                                                 self._const(n.args), self._const(n.kwargs),
+                                                 name=n.name)
+            elif n in method:
+                self._emit_bounds(n, method[n])
+        if result == "intermediate":
+            self.g.output(tuple(self.bounds[p] for p in self.final_inputs))
+            return self.g
+        shape = self._shape(self.output)
+        start = self._call(lin_output_start, (self.lower, self.spec, shape, self.bound_upper),
+                           "out_start")
+        rows = self._backsub(self.output, start, "out")
+        out = self._call(lin_output_bounds, (rows, self.spec, shape, self.bound_upper), "out")
+        self.g.output(out if result == "bounds" else (out, tuple(self.slope_nodes)))
+        return self.g
+
+    def _shape(self, n: fx.Node) -> tuple[int, ...]:
+        shape = n.meta.get(SHAPE_KEY) or self.gm.meta.get("certfx.output_shape")
+        return tuple(shape)
+
+    def _emit_bounds(self, n: fx.Node, how: str) -> None:
+        rule = get_domain("box").rule_for(n.target)
+        args = fx.node.map_arg(n.args, lambda a: self.bounds[a] if _perturbed(a)
+                               else self.env[a])
+        intervals = self._call(rule, args, n.name if how == "interval" else f"{n.name}_ibp")
+        if how == "interval":
+            self.bounds[n] = intervals
+            return
+        shape = tuple(n.meta[SHAPE_KEY])
+        start = self._call(lin_identity, (self.lower, shape), f"{n.name}_start")
+        rows = self._backsub(n, start, n.name)
+        backsub = self._call(lin_split, (rows, shape), f"{n.name}_backsub")
+        self.bounds[n] = self._call(lin_intersect, (backsub, intervals), n.name)
+
+    def _relaxation(self, r: fx.Node, start: str) -> fx.Node:
+        """The relaxation of ``r`` used by the pass named ``start`` (shared unless α)."""
+        op_args = self._const(tuple(r.args[1:]))
+        free = self.alpha_scope is not AlphaScope.NONE and has_free_slope(r.target, *op_args)
+        per_pass = free and (self.alpha_scope is AlphaScope.ALL or start == "out")
+        key = (r, start if per_pass else "")
+        if key in self.relax:
+            return self.relax[key]
+        kwargs: dict[str, Any] = {"slopes": self.slopes}
+        name = f"{r.name}_relax"
+        if per_pass:
+            alpha = self.g.placeholder(f"alpha_{start}_{r.name}", default_value=None)
+            rows = None if start == "out" else 2 * math.prod(self._shape(self.starts[start]))
+            self.alphas.append((alpha.name, rows))
+            kwargs["alpha"] = alpha
+            name = f"{r.name}_relax_{start}"
+        fn = RELAX_WEIGHTED[r.target] if per_pass else RELAX[r.target]
+        node = self._call(fn, (self.bounds[r.args[0]], *op_args), name, kwargs)
+        if per_pass:
+            self.slope_nodes.append(self._call(getattr, (node, "weight"), f"{name}_weight"))
+        self.relax[key] = node
+        return node
+
+    def _check_size(self, start: fx.Node, ancestors: set[fx.Node]) -> None:
+        """Dense coefficients of a pass hold ``rows × numel(node)`` entries per example at each
+        node it visits; record passes whose largest exceeds the budget."""
+        rows = 2 * math.prod(self._shape(start))
+        sizes = {n: rows * math.prod(self._shape(n)) for n in ancestors if n.meta.get(SHAPE_KEY)}
+        worst = max(sizes, key=sizes.__getitem__, default=None)
+        if worst is not None and sizes[worst] > self.max_coefficients:
+            self.too_big.append(
+                f"the bounds of {start.name} ({rows // 2} neurons) need {sizes[worst]:.3g} "
+                f"coefficients per example at {worst.name} "
+                f"({sizes[worst] * 4 / 2**30:.3g} GiB in float32)")
+
+    def _backsub(self, start: fx.Node, a0: fx.Node, name: str) -> fx.Node:
+        """Emit the backward pass from ``start`` (bounds ``a0`` on it) to the input; returns
+        the concretized rows."""
+        self.starts[name] = start
+        ancestors = self._ancestors(start)
+        self._check_size(start, ancestors)
+        pending: dict[fx.Node, fx.Node] = {start: a0}
+        for n in reversed(self.nodes):
+            if n not in ancestors or n is self.input or n not in pending:
+                continue
+            a = pending.pop(n)
+            inputs = _inputs(n)
+            rule = BACK.rule_for(n.target)
+            at = f"{name}_at_{inputs[0].name}"
+            if _relaxed(n):
+                terms = [self._call(rule, (a, self._relaxation(n, name)), at)]
+            else:
+                args = fx.node.map_arg(n.args, lambda v: Var(tuple(v.meta[SHAPE_KEY]))
+                                       if _perturbed(v) else self.env[v])
+                res = self._call(rule, (a, *args), at if len(inputs) == 1
+                                 else f"{name}_from_{n.name}")
+                terms = [res] if len(inputs) == 1 else [
+                    self._call(operator.getitem, (res, k), f"{name}_at_{p.name}")
+                    for k, p in enumerate(inputs)]
+            for p, term in zip(inputs, terms):
+                pending[p] = term if p not in pending else self._call(
+                    lin_add, (pending[p], term), f"{name}_at_{p.name}")
+        return self._call(lin_concretize, (pending[self.input], self.box), f"{name}_rows")
+
+
+def _check_relaxations(gm: fx.GraphModule) -> None:
+    """Reject relaxed nodes whose constant arguments the relaxation cannot take (a leaky ReLU
+    slope outside ``[0, 1]``), all at once, before any code is generated."""
+    problems = []
+    for n in gm.graph.nodes:
+        if not (_perturbed(n) and n.op == "call_function" and n.target in RELAXATIONS):
+            continue
+        try:
+            linear_relaxation(n.target, torch.tensor([-1.0]), torch.tensor([1.0]), *n.args[1:])
+        except (ValueError, TypeError) as err:
+            problems.append(UnsupportedOp(n.name, n.target.__name__, "", f"{err}; use the "
+                                          "box or zonotope domain for this network"))
+    if problems:
+        raise UnsupportedOpsError("back-substitution cannot relax these nodes", problems)
+
+
+DEFAULT_MAX_COEFFICIENTS = 1 << 28  # per example: 1 GiB of float32 coefficients
+
+
+def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
+                 slopes: Slopes = Slopes(), alpha: AlphaScope = AlphaScope.NONE,
+                 bounds_inputs: bool = False, result: str = "bounds",
+                 class_name: str = "CrownBounds",
+                 max_coefficients: int = DEFAULT_MAX_COEFFICIENTS) -> fx.GraphModule:
+    """Generate the back-substitution bound module of a canonical graph.
+
+    Args:
+        gm: a canonical graph (after ``mark_perturbed`` and ``shape_prop``; usually with the
+            specification folded in by ``fuse_spec``).
+        intermediate: how the bounds of relaxed ops' inputs are computed.
+        slopes: the default of the generated ``slopes`` argument.
+        alpha: which passes take lower slopes ``alpha_<pass>_<node>`` as inputs (default None:
+            the ``slopes`` policy); their ``(name, rows)`` are listed in ``meta[ALPHA_KEY]``
+            (``rows`` None: twice the number of specified outputs).
+        bounds_inputs: take the bounds the output's pass needs as inputs ``bounds_<node>``
+            instead of computing them.
+        result: ``"bounds"``, ``"intermediate"`` (return those bounds) or ``"bounds+slopes"``
+            (also return the lower slopes used for every α input, in order).
+        class_name: the generated class's name.
+        max_coefficients: the largest coefficient tensor (entries per example) a backward pass
+            may form; the dense coefficients of a pass from a node of ``N`` neurons hold
+            ``2N × numel`` entries at every node it visits.
+
+    Raises:
+        CertfxError: when a backward pass would exceed ``max_coefficients`` (all listed).
+    """
+    _check_relaxations(gm)
+    emitter = _Emitter(gm, intermediate, slopes, alpha, bounds_inputs, max_coefficients)
+    graph = emitter.emit(result)
+    if emitter.too_big:
+        raise CertfxError(
+            "back-substitution with dense coefficients is too large for this network:\n  "
+            + "\n  ".join(emitter.too_big) + f"\n(limit {max_coefficients:.3g} per example). "
+            "Use domain 'crown-ibp' (intermediate bounds by intervals), or raise "
+            "max_coefficients in the domain options if the memory is there.")
+    graph.eliminate_dead_code()
+    out = fx.GraphModule(gm, graph, class_name=class_name)
+    out.meta.update(gm.meta)
+    out.meta[ALPHA_KEY] = list(emitter.alphas)
+    out.meta[LOWER_ONLY_KEY] = result != "intermediate"
+    return out

@@ -1,0 +1,291 @@
+"""The back-substitution domains end to end: hand-computed bounds, exactness on affine networks,
+DeepPoly = CROWN, CROWN ≤ CROWN-IBP, α-CROWN ≤ CROWN, sampling (and attack) soundness of logits
+and margins, slope policies, float64, gradients, devices and ``torch.compile``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import certfx
+from certfx.domains.crown import AlphaCrownOptions, BacksubOptions
+from certfx.domains.linear import Slopes
+from certfx.domains.relaxations import SlopePolicy
+from certfx.errors import UnsupportedOpsError
+from tests.models import NETWORKS
+
+BACKSUB = ["deeppoly", "crown", "crown-ibp", "alpha-crown"]
+BALL = certfx.LinfBall(1.0, lower=None, upper=None)
+
+
+def _two_two_one(b1: tuple[float, float], w2: tuple[float, float]) -> nn.Module:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+        net[0].bias.copy_(torch.tensor(b1))
+        net[2].weight.copy_(torch.tensor([w2]))
+        net[2].bias.zero_()
+    return net
+
+
+def _bounds(net: nn.Module, domain: str, options: object = None) -> tuple[float, float]:
+    x = torch.zeros(1, 2)
+    cm = certfx.compile(net, domain=domain, input_spec=BALL, example_input=x,
+                        domain_options=options)
+    lo, hi = cm.certified_forward(x)
+    return round(lo.item(), 5), round(hi.item(), 5)
+
+
+def test_hand_computed_symmetric_2_2_1() -> None:
+    """y = relu(x₁+x₂) − relu(x₁−x₂) on [−1, 1]²; both pre-activations in [−2, 2].
+
+    Upper lines 0.5z + 1; adaptive lower slopes 1 (u ≥ −l): y ≥ x₁+x₂ − (0.5(x₁−x₂) + 1)
+    = 0.5x₁ + 1.5x₂ − 1 ≥ −3, and symmetrically y ≤ 3. Slope 0: y ≥ −0.5x₁ + 0.5x₂ − 1 ≥ −2.
+    Slope ½ (parallel): y ≥ x₂ − 1 ≥ −2. The exact range is [−2, 2], which α-CROWN finds."""
+    net = _two_two_one((0.0, 0.0), (1.0, -1.0))
+    for domain in ("deeppoly", "crown", "crown-ibp"):
+        assert _bounds(net, domain) == (-3.0, 3.0)
+        for policy in (SlopePolicy.ZERO, SlopePolicy.PARALLEL):
+            assert _bounds(net, domain, BacksubOptions(Slopes(policy))) == (-2.0, 2.0)
+        assert _bounds(net, domain, BacksubOptions(Slopes(SlopePolicy.ONE))) == (-3.0, 3.0)
+    assert _bounds(net, "alpha-crown") == (-2.0, 2.0)
+    assert _bounds(net, "box") == (-2.0, 2.0)
+
+
+def test_hand_computed_asymmetric_2_2_1() -> None:
+    """y = relu(x₁+x₂−1) + relu(x₁−x₂+0.5): pre-activations in [−3, 1] (adaptive slope 0,
+    upper 0.25z + 0.75) and [−1.5, 2.5] (slope 1, upper 0.625z + 0.9375).
+    Lower: y ≥ x₁ − x₂ + 0.5 ≥ −1.5; upper: y ≤ 0.875x₁ − 0.375x₂ + 1.75 ≤ 3. The exact range
+    is [0, 2.5]; α-CROWN's lower slopes 0 reach the lower end; box gives [0, 3.5]."""
+    net = _two_two_one((-1.0, 0.5), (1.0, 1.0))
+    for domain in ("deeppoly", "crown", "crown-ibp"):
+        assert _bounds(net, domain) == (-1.5, 3.0)
+    assert _bounds(net, "alpha-crown") == (0.0, 3.0)
+    assert _bounds(net, "box") == (0.0, 3.5)
+
+
+class _Affine(nn.Module):
+    """conv → BN → avg-pool → two branches (linear, and a scaled copy) added → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.a, self.b = nn.Linear(27, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.avg_pool2d(self.bn(self.conv(x)), 2).flatten(1)
+        h = self.a(h)
+        return self.b(h + 0.5 * h - x.flatten(1)[:, :8])
+
+
+@pytest.mark.parametrize("domain", BACKSUB)
+def test_affine_networks_get_the_exact_range(domain: str) -> None:
+    torch.manual_seed(0)
+    net = _Affine().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 2, 6, 6)
+    cm = certfx.compile(net, domain=domain, input_spec=certfx.LinfBall(0.1, None, None),
+                        example_input=x[:1])
+    lo, hi = cm.certified_forward(x)
+    for i in range(2):  # exact: M c ± |M| r for the Jacobian M
+        jac = torch.autograd.functional.jacobian(lambda v: net(v.view(1, 2, 6, 6)),
+                                                 x[i:i + 1]).reshape(4, -1)
+        center = net(x[i:i + 1])[0]
+        radius = jac.abs() @ torch.full((72,), 0.1)
+        torch.testing.assert_close(lo[i], center - radius, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hi[i], center + radius, atol=1e-5, rtol=1e-5)
+
+
+def _compile(name: str, domain: str, eps: float, options: object = None,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    make, shape = NETWORKS[name]
+    net = make().to(device=device, dtype=dtype)
+    cm = certfx.compile(net, domain=domain, input_spec=certfx.LinfBall(eps),
+                        example_input=torch.zeros(1, *shape, device=device, dtype=dtype),
+                        domain_options=options)
+    return net, cm, shape
+
+
+def _all(name: str, eps: float, x: torch.Tensor, y: torch.Tensor) -> dict:
+    out = {}
+    for domain in ("box", *BACKSUB):
+        _, cm, _ = _compile(name, domain, eps)
+        with torch.no_grad():
+            out[domain] = (*cm.certified_forward(x), cm.certified_forward(x, y=y))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_orderings_between_the_domains(name: str) -> None:
+    """DeepPoly = CROWN exactly; CROWN at least as tight as CROWN-IBP, α-CROWN as CROWN."""
+    torch.manual_seed(1)
+    net, _, shape = _compile(name, "box", 0.0)
+    x = torch.rand(4, *shape)
+    y = net(x).argmax(1)
+    for eps in (0.01, 0.05):
+        b = _all(name, eps, x, y)
+        assert all(torch.equal(p, q) for p, q in zip(b["deeppoly"], b["crown"]))
+        for tight, loose in (("crown", "crown-ibp"), ("alpha-crown", "crown")):
+            lo, hi, margin = b[tight]
+            lo2, hi2, margin2 = b[loose]
+            assert bool((lo >= lo2 - 1e-5).all() and (hi <= hi2 + 1e-5).all())
+            assert bool((margin >= margin2 - 1e-5).all())
+        assert float(b["crown"][2].mean()) > float(b["box"][2].mean())
+
+
+def _attack(net: nn.Module, lo: torch.Tensor, hi: torch.Tensor, weights: torch.Tensor,
+            steps: int = 15) -> torch.Tensor:
+    """Points of the box ``[lo, hi]`` minimizing ``weights·net`` (projected sign gradient)."""
+    z = (lo + hi) / 2
+    for _ in range(steps):
+        z = z.detach().requires_grad_(True)
+        grad, = torch.autograd.grad((net(z) * weights).sum(), z)
+        z = torch.minimum(torch.maximum(z - (hi - lo) * 0.25 * grad.sign(), lo), hi)
+    return z.detach()
+
+
+@pytest.mark.parametrize("domain", BACKSUB)
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_sound_by_sampling_and_attacks(name: str, domain: str) -> None:
+    torch.manual_seed(2)
+    net, cm, shape = _compile(name, domain, 0.05)
+    x = torch.rand(3, *shape)
+    y = net(x).argmax(1)
+    lo, hi = cm.certified_forward(x)
+    margins = cm.certified_forward(x, y=y)
+    classes = lo.shape[1]
+    for i in range(3):
+        xl, xh = cm.input_bounds(x[i:i + 1])
+        u = torch.rand(300, *shape)
+        u[:150] = (u[:150] < 0.5).to(u.dtype)  # corners
+        pts = [xl + u * (xh - xl)]
+        for k in range(classes):  # attack every logit from both sides, and every margin
+            for sign in (1.0, -1.0):
+                w = torch.zeros(1, classes)
+                w[0, k] = sign
+                pts.append(_attack(net, xl, xh, w))
+            if k != y[i]:
+                w = torch.zeros(1, classes)
+                w[0, y[i]], w[0, k] = 1.0, -1.0
+                pts.append(_attack(net, xl, xh, w))
+        out = net(torch.cat(pts)).detach()
+        assert bool((out >= lo[i] - 1e-5).all() and (out <= hi[i] + 1e-5).all())
+        true_margin = out[:, y[i]].unsqueeze(1) - out
+        true_margin = torch.cat([true_margin[:, :y[i]], true_margin[:, y[i] + 1:]], 1)
+        assert bool((true_margin >= margins[i] - 1e-5).all())
+
+
+def test_float64_and_random_slopes_are_sound() -> None:
+    torch.manual_seed(3)
+    for options in (BacksubOptions(), BacksubOptions(Slopes.random(0.6, 0.2))):
+        net, cm, shape = _compile("cnn_bn_maxpool", "crown", 0.05, options, torch.float64)
+        x = torch.rand(2, *shape, dtype=torch.float64)
+        lo, hi = cm.certified_forward(x)
+        assert lo.dtype == torch.float64
+        xl, xh = cm.input_bounds(x)
+        for i in range(2):
+            out = net(xl[i] + torch.rand(500, *shape, dtype=torch.float64) * (xh[i] - xl[i]))
+            assert bool((out >= lo[i] - 1e-9).all() and (out <= hi[i] + 1e-9).all())
+
+
+def test_slopes_can_be_chosen_per_call() -> None:
+    net, cm, shape = _compile("mlp", "crown", 0.05)
+    _, zero, _ = _compile("mlp", "crown", 0.05, BacksubOptions(Slopes(SlopePolicy.ZERO)))
+    lo, hi = cm.input_bounds(torch.rand(2, *shape))
+    per_call = cm.bounds(lo, hi, slopes=Slopes(SlopePolicy.ZERO))
+    torch.testing.assert_close(per_call.lower, zero.bounds(lo, hi).lower)
+    assert not torch.equal(per_call.lower, cm.bounds(lo, hi).lower)
+
+
+def test_alpha_crown_options() -> None:
+    torch.manual_seed(4)
+    net, crown, shape = _compile("mlp", "crown", 0.05)
+    x = torch.rand(3, *shape)
+    y = net(x).argmax(1)
+    ref = crown.certified_forward(x, y=y)
+    results = []
+    for options in (AlphaCrownOptions(steps=0), AlphaCrownOptions(steps=10),
+                    AlphaCrownOptions(steps=10, optimize_intermediate=True)):
+        _, cm, _ = _compile("mlp", "alpha-crown", 0.05, options)
+        results.append(cm.certified_forward(x, y=y))
+    torch.testing.assert_close(results[0], ref)
+    assert bool((results[1] >= ref - 1e-6).all()) and bool((results[1] > ref + 1e-4).any())
+    assert bool((results[2] >= ref - 1e-6).all())
+    assert float(results[2].sum()) >= float(results[1].sum()) - 1e-3
+    assert "alpha_crown_optimize(" in cm.code
+    assert "relax_relu_weighted(" in cm.bounds.passes.code and "alpha_out_relu" in cm.bounds.passes.code
+
+
+@pytest.mark.parametrize("domain", ["crown", "crown-ibp"])
+def test_gradients_reach_the_model_parameters(domain: str, device: torch.device) -> None:
+    net, cm, shape = _compile("cnn_bn_maxpool", domain, 0.02, device=device)
+    x = torch.rand(3, *shape, device=device)
+    loss = -cm.certified_forward(x, y=torch.tensor([0, 1, 2], device=device)).mean()
+    loss.backward()
+    assert net[0].weight.grad is not None and bool(net[0].weight.grad.abs().sum() > 0)
+    assert net[1].weight.grad is not None
+    assert any(p is net[0].weight for p in cm.bounds.parameters())
+
+
+def test_generated_code_is_a_sequence_of_rule_calls(device: torch.device) -> None:
+    _, cm, shape = _compile("residual", "crown", 0.02, device=device)
+    code = cm.code
+    for call in ("lin_identity(", "back_conv(", "back_relu(", "back_add(", "lin_add(",
+                 "lin_concretize(", "relax_relu(", "box_conv("):
+        assert call in code
+    assert "for " not in code and "while " not in code
+    lo, hi = cm.certified_forward(torch.rand(2, *shape, device=device))
+    assert lo.device.type == device.type
+
+
+@pytest.mark.parametrize("domain", ["crown", "crown-ibp"])
+def test_torch_compile_of_generated_module(domain: str) -> None:
+    _, cm, shape = _compile("mlp", domain, 0.05)
+    x = torch.rand(3, *shape)
+    ref = cm.certified_forward(x)
+    out = torch.compile(cm.bounds, backend="eager")(*cm.input_bounds(x))
+    torch.testing.assert_close(out.lower, ref.lower)
+    torch.testing.assert_close(out.upper, ref.upper)
+
+
+def test_unrelaxable_constants_are_rejected_at_compile_time() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(-0.5), nn.Linear(4, 2))
+    for domain in BACKSUB:
+        with pytest.raises(UnsupportedOpsError, match="leaky_relu"):
+            certfx.compile(net, domain=domain, example_input=torch.zeros(1, 3))
+    certfx.compile(net, domain="box", example_input=torch.zeros(1, 3))  # box handles it
+
+
+@pytest.mark.parametrize("domain", BACKSUB)
+def test_lower_bounds_only(domain: str) -> None:
+    """``bound_upper=False`` runs half the output's rows: the same lower bounds, upper +inf;
+    ``certified_forward(x, y)`` uses it."""
+    torch.manual_seed(5)
+    net, cm, shape = _compile("residual", domain, 0.05)
+    x = torch.rand(2, *shape)
+    y = net(x).argmax(1)
+    spec = cm.output_spec.matrix(y, cm.num_outputs)
+    lo, hi = cm.input_bounds(x)
+    both = cm.bounds(lo, hi, spec)
+    low = cm.bounds(lo, hi, spec, bound_upper=False)
+    assert bool(torch.isinf(low.upper).all())
+    torch.testing.assert_close(low.lower, both.lower)
+    torch.testing.assert_close(cm.certified_forward(x, y=y), both.lower)
+    plain = cm.bounds(lo, hi, bound_upper=False)  # without a specification: on the logits
+    torch.testing.assert_close(plain.lower, cm.bounds(lo, hi).lower)
+
+
+def test_oversized_backward_passes_are_rejected_at_compile_time() -> None:
+    """Dense coefficients beyond the budget fail early, naming the node and the way out."""
+    make, shape = NETWORKS["cnn_bn_maxpool"]
+    for domain, options in (("crown", BacksubOptions(max_coefficients=10_000)),
+                            ("alpha-crown", AlphaCrownOptions(max_coefficients=10_000))):
+        with pytest.raises(certfx.CertfxError, match="(?s)batch_norm.*crown-ibp"):
+            certfx.compile(make(), domain=domain, example_input=torch.zeros(1, *shape),
+                           domain_options=options)
+    certfx.compile(make(), domain="crown-ibp", example_input=torch.zeros(1, *shape),
+                   domain_options=BacksubOptions(max_coefficients=10_000))

@@ -4,6 +4,8 @@ and margins, slope policies, float64, gradients, devices and ``torch.compile``."
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -98,6 +100,40 @@ def test_affine_networks_get_the_exact_range(domain: str) -> None:
         radius = jac.abs() @ torch.full((72,), 0.1)
         torch.testing.assert_close(lo[i], center - radius, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(hi[i], center + radius, atol=1e-5, rtol=1e-5)
+
+
+class _Dag(nn.Module):
+    """Slices, a concat of a ReLU and a tanh branch, and nodes with several users."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(6, 4), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        z = torch.cat([h[:, ::2], torch.tanh(self.b(x)), h[:, 1:5]], 1)
+        return self.c(torch.relu(z) - 0.5 * z + h[:, :1])
+
+
+@pytest.mark.parametrize("domain", BACKSUB)
+def test_general_dag_is_sound(domain: str) -> None:
+    torch.manual_seed(6)
+    net = _Dag()
+    x = torch.rand(2, 6)
+    ball = certfx.LinfBall(0.3, None, None)
+    cm = certfx.compile(net, domain=domain, input_spec=ball, example_input=x[:1])
+    crown = certfx.compile(net, domain="crown", input_spec=ball, example_input=x[:1])
+    lo, hi = cm.certified_forward(x)
+    for i in range(2):
+        xl, xh = cm.input_bounds(x[i:i + 1])
+        pts = [xl + torch.rand(2000, 6) * (xh - xl)]
+        pts += [_attack(net, xl, xh, w.unsqueeze(0)) for w in torch.cat([torch.eye(3),
+                                                                         -torch.eye(3)])]
+        out = net(torch.cat(pts)).detach()
+        assert bool((out >= lo[i] - 1e-5).all() and (out <= hi[i] + 1e-5).all())
+    ref_lo, ref_hi = crown.certified_forward(x)
+    if domain in ("deeppoly", "alpha-crown"):
+        assert bool((lo >= ref_lo - 1e-6).all() and (hi <= ref_hi + 1e-6).all())
 
 
 def _compile(name: str, domain: str, eps: float, options: object = None,
@@ -289,3 +325,16 @@ def test_oversized_backward_passes_are_rejected_at_compile_time() -> None:
                            domain_options=options)
     certfx.compile(make(), domain="crown-ibp", example_input=torch.zeros(1, *shape),
                    domain_options=BacksubOptions(max_coefficients=10_000))
+
+
+@pytest.mark.parametrize("domain", ["crown", "alpha-crown"])
+def test_generated_modules_survive_pickling(domain: str) -> None:
+    """Unpickling re-traces FX code; the rule calls (and α-CROWN's submodules) must survive."""
+    options = AlphaCrownOptions(steps=3) if domain == "alpha-crown" else None
+    _, cm, shape = _compile("residual", domain, 0.02, options)
+    buffer = io.BytesIO()
+    torch.save(cm.bounds, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    lo, hi = cm.input_bounds(torch.rand(2, *shape))
+    torch.testing.assert_close(again(lo, hi).lower, cm.bounds(lo, hi).lower)

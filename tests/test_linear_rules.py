@@ -18,15 +18,21 @@ from typing import Any
 import pytest
 import torch
 import torch.fx as fx
+from certfx.passes import check_support
 
 from certfx import ops
 from certfx.domains.interval import Interval
 from certfx.domains.linear import LinearBounds, Slopes, Var
-from certfx.domains.linear_backward import (BACK, RELAX, RELAX_WEIGHTED, UNSUPPORTED,
-                                            _derive_affine, has_free_slope)
+from certfx.domains.linear_backward import (
+    BACK,
+    RELAX,
+    RELAX_WEIGHTED,
+    UNSUPPORTED,
+    _derive_affine,
+    has_free_slope,
+)
 from certfx.domains.relaxations import SlopePolicy
 from certfx.errors import UnsupportedOpsError
-from certfx.passes import check_support
 from tests.test_interval_soundness import CASES, P, PerExample, _box
 
 B, ROWS, N = 3, 4, 400
@@ -179,7 +185,8 @@ def test_max_pool_selects_and_is_exact_when_dominated() -> None:
     assert t.coef.abs().sum().item() == 0.0 and t.bias.item() == -10.0
 
 
-@pytest.mark.parametrize("op", [ops.linear, ops.conv, ops.reshape])
+@pytest.mark.parametrize("op", [ops.linear, ops.conv, ops.reshape, ops.add, ops.sub, ops.mul,
+                                ops.div, ops.neg, ops.batch_norm])
 def test_hand_written_rules_equal_the_derived_ones(op: Callable[..., Any]) -> None:
     derived = _derive_affine(op, ops.traits(op))
     for k, maker in enumerate(CASES[op]):
@@ -189,9 +196,9 @@ def test_hand_written_rules_equal_the_derived_ones(op: Callable[..., Any]) -> No
                           if isinstance(v, Var) else v)).shape[1:]
         a = LinearBounds(torch.randn(B, ROWS, *shape, dtype=torch.float64),
                          torch.randn(B, ROWS, dtype=torch.float64))
-        mine, ref = BACK.rule_for(op)(a, *args), derived(a, *args)
-        torch.testing.assert_close(mine.coef, ref.coef)
-        torch.testing.assert_close(mine.bias, ref.bias)
+        for mine, ref in zip(_terms(BACK.rule_for(op)(a, *args)), _terms(derived(a, *args))):
+            torch.testing.assert_close(mine.coef, ref.coef)
+            torch.testing.assert_close(mine.bias, ref.bias)
 
 
 def test_affine_rules_are_differentiable_in_the_weights() -> None:

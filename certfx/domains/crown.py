@@ -4,16 +4,21 @@ All four share the backward rules of :mod:`certfx.domains.linear_backward`, the 
 relaxation table and one code generator (:mod:`certfx.domains.linear_lowering`):
 
 * ``"deeppoly"`` (Singh et al. 2019) and ``"crown"`` (Zhang et al. 2018): the bounds of every
-  relaxed op's input by a full backward pass to the input, adaptive lower slopes by default.
-  With the same slopes they are the same algorithm — DeepPoly's back-substitution *is* CROWN's
-  bound propagation — so both names lower to the very same code.
+  relaxed op's input by a full backward pass to the input (intersected with the interval
+  bounds of that node, which cost little and are sometimes tighter), adaptive lower slopes by
+  default. With the same slopes they are the same algorithm — DeepPoly's back-substitution
+  *is* CROWN's bound propagation — so both names lower to the very same code.
 * ``"crown-ibp"`` (Zhang et al. 2020, Sec. 3): intermediate bounds by interval propagation, the
   output's bounds by one backward pass. Differentiable: a certified-training loss.
 * ``"alpha-crown"`` (Xu et al. 2021, "Fast and complete", Sec. 3.1): the lower slopes of
-  ReLU-like neurons become variables ``α ∈ [0, 1]``, one per neuron *and per output row*,
+  ReLU-like neurons become variables, one per neuron *and per output row*: weights
+  ``α ∈ [0, 1]`` of the lowest and highest valid lower lines (for ReLU, ``α`` is the slope),
   optimized by Adam to maximize the output's lower bounds (and minimize its upper bounds),
   starting from the CROWN slopes and keeping the best bound seen per output. Every ``α`` gives
   a sound bound, so the elementwise best over the steps is sound, and never looser than CROWN.
+
+The generated modules take ``bound_upper=False`` to bound the outputs from below only (half
+the output's backward pass; upper bounds ``+inf``): ``certified_forward(x, y)`` does so.
 
 Options (``certfx.compile(..., domain_options=...)``):
 
@@ -24,6 +29,9 @@ Options (``certfx.compile(..., domain_options=...)``):
 * :class:`AlphaCrownOptions`: ``steps``, ``lr``, ``optimize_intermediate`` (also optimize the
   slopes of every intermediate backward pass, jointly for the output's bound) and the initial
   ``slopes``.
+* Both have ``max_coefficients``: dense coefficients grow as (neurons of a node) × (size of
+  every node behind it), so compiling fails early, naming the nodes, where a backward pass
+  would form more than this many per example (CNN7's second conv layer would need 32 GiB).
 
 α-CROWN's generated module is a small driver: ``self.intermediate`` (generated: the CROWN bounds
 the output's backward pass needs) and ``self.passes`` (generated: that pass, taking the slopes
@@ -59,13 +67,19 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from certfx.compile import LOWER_ONLY_KEY
 from certfx.domains.base import Domain, expose_to_codegen, register_domain
 from certfx.domains.interval import Interval
-from certfx.domains.linear import LinearBounds, Slopes, lin_input
+from certfx.domains.linear import LinearBounds, Slopes, lin_input, lin_slopes
 from certfx.domains.linear_backward import BACK
-from certfx.compile import LOWER_ONLY_KEY
-from certfx.domains.linear_lowering import (ALPHA_KEY, DEFAULT_MAX_COEFFICIENTS, AlphaScope,
-                                            IntermediateBounds, emit_backsub)
+from certfx.domains.linear_lowering import (
+    ALPHA_KEY,
+    DEFAULT_MAX_COEFFICIENTS,
+    AlphaScope,
+    IntermediateBounds,
+    RuleTracer,
+    emit_backsub,
+)
 from certfx.domains.relaxations import SlopePolicy
 
 __all__ = [
@@ -129,8 +143,10 @@ def _backsub_lowering(intermediate: IntermediateBounds, class_name: str) -> Any:
 
 
 def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphModule,
-                         lower: Tensor, upper: Tensor, *extras: Any, slopes: Slopes,
-                         bound_upper: bool = True, steps: int, lr: float) -> Interval:
+                         lower: Tensor, upper: Tensor, *extras: Any, slopes: Slopes | None,
+                         default_slopes: Slopes, bound_upper: bool = True,
+                         alphas: tuple[tuple[str, int | None], ...], steps: int,
+                         lr: float) -> Interval:
     """α-CROWN's optimization loop around the generated modules (see the module docstring).
 
     Args:
@@ -138,40 +154,42 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
             them itself, with its own slopes: ``optimize_intermediate``).
         passes: returns ``(bounds, lower slopes used)`` given the slopes ``alpha_*``.
         lower, upper, extras: the generated modules' inputs (``extras``: ``spec``).
-        slopes: the initial slope policy.
+        slopes, default_slopes: the initial slope policy (``None``: the default).
         bound_upper: also bound (and tighten) the outputs from above.
+        alphas: ``(name, rows)`` of each slope input of ``passes`` (rows ``None``: twice the
+            number of outputs).
         steps, lr: Adam's steps and learning rate.
     """
+    slopes = lin_slopes(slopes, default_slopes)
     with torch.no_grad():
         fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes)) if intermediate else ()
         start, init = passes(lower, upper, *fixed, *extras, slopes=slopes,
                              bound_upper=bound_upper)
     best_lower, best_upper = start.lower, start.upper
-    layout = passes.meta[ALPHA_KEY]
-    if not layout or steps == 0:
+    if not alphas or steps == 0:
         return Interval(best_lower, best_upper)
     outputs = best_lower[0].numel() * (2 if bound_upper else 1)
-    alphas = [s.expand(s.shape[0], rows or outputs, *s.shape[2:]).clone().requires_grad_(True)
-              for s, (_, rows) in zip(init, layout)]
-    names = [name for name, _ in layout]
-    optimizer = torch.optim.Adam(alphas, lr=lr)
+    names = [name for name, _ in alphas]
+    weights = [s.expand(s.shape[0], rows or outputs, *s.shape[2:]).clone().requires_grad_(True)
+               for s, (_, rows) in zip(init, alphas)]
+    optimizer = torch.optim.Adam(weights, lr=lr)
     for step in range(steps + 1):
         with torch.enable_grad():
             out, _ = passes(lower, upper, *fixed, *extras, slopes=slopes,
-                            bound_upper=bound_upper, **dict(zip(names, alphas)))
+                            bound_upper=bound_upper, **dict(zip(names, weights)))
             if step < steps:  # maximize every lower bound, minimize every upper bound
                 loss = (out.upper.sum() if bound_upper else 0.0) - out.lower.sum()
-                grads = torch.autograd.grad(loss, alphas)
+                grads = torch.autograd.grad(loss, weights)
         best_lower = torch.maximum(best_lower, out.lower.detach())
         best_upper = torch.minimum(best_upper, out.upper.detach())
         if step == steps:
             break
-        for alpha, grad in zip(alphas, grads):
-            alpha.grad = grad
+        for weight, grad in zip(weights, grads):
+            weight.grad = grad
         optimizer.step()
-        with torch.no_grad():  # project back onto the valid slopes
-            for alpha in alphas:
-                alpha.clamp_(0.0, 1.0)
+        with torch.no_grad():  # project back onto the valid weights
+            for weight in weights:
+                weight.clamp_(0.0, 1.0)
     return Interval(best_lower, best_upper)
 
 
@@ -198,15 +216,18 @@ def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx
     lower, upper = graph.placeholder("lower"), graph.placeholder("upper")
     extras = [graph.placeholder(p.name, default_value=p.meta.get("certfx.default", None))
               for p in list(gm.graph.nodes)[1:] if p.op == "placeholder"]
-    slopes = graph.placeholder("slopes", default_value=options.slopes)
+    slopes = graph.placeholder("slopes", default_value=None)  # None: options.slopes
     bound_upper = graph.placeholder("bound_upper", default_value=True)
     intermediate = (None if options.optimize_intermediate
                     else graph.get_attr("intermediate"))
     out = graph.call_function(alpha_crown_optimize,
                               (intermediate, graph.get_attr("passes"), lower, upper, *extras),
-                              {"slopes": slopes, "bound_upper": bound_upper,
+                              {"slopes": slopes, "default_slopes": options.slopes,
+                               "bound_upper": bound_upper,
+                               "alphas": tuple(root.passes.meta[ALPHA_KEY]),
                                "steps": options.steps, "lr": options.lr})
     graph.output(out)
+    graph._tracer_cls = RuleTracer
     module = fx.GraphModule(root, graph, class_name="AlphaCrownBounds")
     module.meta.update(gm.meta)
     module.meta[LOWER_ONLY_KEY] = True

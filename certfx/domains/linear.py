@@ -42,6 +42,7 @@ __all__ = [
     "LinearBounds",
     "Var",
     "Slopes",
+    "lin_slopes",
     "lin_input",
     "lin_identity",
     "lin_output_start",
@@ -50,6 +51,7 @@ __all__ = [
     "lin_split",
     "lin_intersect",
     "lin_output_bounds",
+    "rowdot",
 ]
 
 
@@ -57,8 +59,10 @@ __all__ = [
 class LinearBounds:
     """Lower bounds ``q_r ≥ ⟨coef_r, z⟩ + bias_r`` on ``R`` stacked targets ``q``.
 
-    Rows ``[0, R/2)`` bound the targets from below; rows ``[R/2, R)`` bound their negations from
-    below, i.e. the targets from above (see the module docstring).
+    As started by :func:`lin_identity`, rows ``[0, R/2)`` bound the targets from below and rows
+    ``[R/2, R)`` bound their negations from below, i.e. the targets from above (see the module
+    docstring); the ``A_*``/``b_*`` properties read that layout. A pass that bounds from below
+    only (``bound_upper=False``) has just the first half.
 
     Attributes:
         coef: ``(batch, R, *node_shape)``; batch 1 when the same for every example.
@@ -74,7 +78,7 @@ class LinearBounds:
         return self.coef.shape[1]
 
     @property
-    def A_lower(self) -> Tensor:  # noqa: N802 - the paper's notation
+    def A_lower(self) -> Tensor:
         """``(batch, m, *node_shape)``: ``q ≥ A_lower·z + b_lower``."""
         return self.coef[:, : self.rows // 2]
 
@@ -84,7 +88,7 @@ class LinearBounds:
         return self.bias[:, : self.rows // 2]
 
     @property
-    def A_upper(self) -> Tensor:  # noqa: N802 - the paper's notation
+    def A_upper(self) -> Tensor:
         """``(batch, m, *node_shape)``: ``q ≤ A_upper·z + b_upper``."""
         return -self.coef[:, self.rows // 2:]
 
@@ -134,6 +138,11 @@ class Slopes:
         return f"Slopes(SlopePolicy.{self.policy.name}, {self.p!r}, {self.q!r})"
 
 
+def lin_slopes(slopes: Slopes | None, default: Slopes) -> Slopes:
+    """The slope choice of a call: ``slopes``, or the compiled-in ``default`` for ``None``."""
+    return default if slopes is None else slopes
+
+
 def lin_input(lower: Tensor, upper: Tensor) -> Interval:
     """The input set: the box ``[lower, upper]``, concretized by :func:`lin_concretize`."""
     return Interval(lower, upper)
@@ -165,12 +174,17 @@ def lin_add(a: LinearBounds, b: LinearBounds) -> LinearBounds:
 
 
 _BLOCK = 1 << 21  # entries of |A| formed at a time by lin_concretize
+_SMALL = 1 << 22  # below, a product and a sum beat a batched matrix-vector product on CPU
 
 
-def _dot(coef: Tensor, v: Tensor) -> Tensor:
-    """``⟨coef_r, v⟩`` per example and row: ``(B|1, R, n) × (B, n) → (B, R)``."""
-    if coef.shape[0] == 1:
+def rowdot(coef: Tensor, v: Tensor) -> Tensor:
+    """``⟨coef_r, v⟩`` per example and row: ``(B|1, R, n) × (B|1, n) → (B, R)``."""
+    if coef.shape[0] == 1 and v.shape[0] > 1:
         return v @ coef[0].transpose(0, 1)
+    if max(coef.shape[0], v.shape[0]) * coef.shape[1] * coef.shape[2] <= _SMALL:
+        return (coef * v.unsqueeze(1)).sum(-1)
+    if v.shape[0] == 1:
+        return coef @ v[0]
     return torch.bmm(coef, v.unsqueeze(-1)).squeeze(-1)
 
 
@@ -186,9 +200,9 @@ def lin_concretize(a: LinearBounds, box: Interval) -> Tensor:
     radius = radius.flatten(1)
     # |A| in blocks of rows of about 2M entries: the same sums without a full-size temporary.
     step = max(1, _BLOCK // (coef.shape[0] * coef.shape[2]))
-    spread = [_dot(coef[:, i:i + step].abs(), radius) for i in range(0, coef.shape[1], step)]
-    value = _dot(coef, center.flatten(1)) - (torch.cat(spread, 1) if len(spread) > 1
-                                             else spread[0])
+    spread = [rowdot(coef[:, i:i + step].abs(), radius) for i in range(0, coef.shape[1], step)]
+    value = rowdot(coef, center.flatten(1)) - (torch.cat(spread, 1) if len(spread) > 1
+                                               else spread[0])
     return value + a.bias
 
 
@@ -216,6 +230,6 @@ def lin_output_bounds(rows: Tensor, spec: Tensor | None, shape: tuple[int, ...],
     return lin_split(rows, shape if spec is None else (rows.shape[1] // 2,))
 
 
-for _fn in (lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
+for _fn in (lin_slopes, lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
             lin_intersect, lin_output_bounds, Var, Slopes, SlopePolicy):
     expose_to_codegen(_fn)

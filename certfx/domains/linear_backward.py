@@ -21,17 +21,21 @@ carrying its shape). There are three kinds:
   ``y ≤ max_i u_i`` — or ``y = x_j`` when ``l_j ≥ u_i`` for all other ``i`` (the DeepPoly max-pool
   transformer as implemented in ERAN).
 
-``conv``, ``concat`` and the two specification ops have hand-written rules (faster or with
-per-example constants); ``product`` and ``softmax_entropy`` have none and are rejected by
-``check_support``. New affine ops and new relaxation-table entries get rules automatically.
+The commonest affine ops also have hand-written rules (:mod:`certfx.domains.linear_affine`:
+the same results without functorch's per-call cost, or with per-example constants);
+``product`` and ``softmax_entropy`` have none and are rejected by ``check_support``. New affine
+ops and new relaxation-table entries get rules automatically.
 
 Example:
     >>> import torch
     >>> from certfx import ops
-    >>> a = LinearBounds(torch.tensor([[[1.0, -2.0]]]), torch.zeros(1, 1))
-    >>> out = back_linear(a, Var((1,)), torch.tensor([[3.0], [1.0]]), torch.tensor([1.0, 1.0]))
-    >>> out.coef.tolist(), out.bias.tolist()     # (1·3 − 2·1) x + (1 − 2)
-    ([[[1.0]]], [[-1.0]])
+    >>> a = LinearBounds(torch.tensor([[[[-2.0]]]]), torch.zeros(1, 1))   # q = −2y
+    >>> out = BACK.rule_for(ops.avg_pool)(a, Var((1, 2)), (2,), (2,), (0,), False, True)
+    >>> out.coef.tolist()     # y = (x₁ + x₂)/2, so q = −x₁ − x₂
+    [[[[-1.0, -1.0]]]]
+    >>> relu = RELAX[ops.relu](Interval(torch.tensor([[-1.0]]), torch.tensor([[3.0]])))
+    >>> BACK.rule_for(ops.relu)(LinearBounds(-torch.ones(1, 1, 1), torch.zeros(1, 1)), relu)
+    LinearBounds(coef=tensor([[[-0.7500]]]), bias=tensor([[-0.7500]]))
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from torch import Tensor
 from certfx import ops
 from certfx.domains.base import Domain, Rule, expose_to_codegen
 from certfx.domains.interval import Interval
-from certfx.domains.linear import LinearBounds, Slopes, Var, lin_input
+from certfx.domains.linear import LinearBounds, Slopes, Var, lin_input, rowdot
 from certfx.domains.relaxations import RELAXATIONS, LinearRelaxation, linear_relaxation
 from certfx.ops import OpTraits
 
@@ -70,9 +74,7 @@ def _dot_const(coef: Tensor, value: Tensor) -> Tensor:
     """``⟨coef_r, value⟩``: ``(B, R, *shape) × (1|B, *shape) → (B, R)``."""
     value = torch.broadcast_to(value, (value.shape[0] if value.dim() == coef.dim() - 1 else 1,
                                        *coef.shape[2:]))
-    if value.shape[0] == 1:
-        return coef.flatten(2) @ value.reshape(-1)
-    return (coef * value.unsqueeze(1)).flatten(2).sum(-1)
+    return rowdot(coef.flatten(2), value.flatten(1))
 
 
 def _terms(bias: Tensor, coefs: list[Tensor]) -> Any:
@@ -130,15 +132,10 @@ def _zeros_at(args: tuple[Any, ...], where: list[int], zeros: list[Tensor]) -> l
 def _rowdot(coef: Tensor, value: Tensor) -> Tensor:
     """``Σ coef·value`` per example and row: ``(B|1, R, *shape) × (B|1, 1|R, *shape) →
     (B, R)``, as a matrix product where ``value`` is the same for every row."""
-    c = coef.flatten(2)
     v = value.flatten(2)
     if v.shape[1] != 1:
-        return (c * v).sum(-1)
-    if c.shape[0] == 1:
-        return v[:, 0] @ c[0].transpose(0, 1)
-    if v.shape[0] == 1:
-        return c @ v[0, 0]
-    return torch.bmm(c, v.transpose(1, 2)).squeeze(-1)
+        return (coef.flatten(2) * v).sum(-1)
+    return rowdot(coef.flatten(2), v[:, 0])
 
 
 def _back_relaxed(a: LinearBounds, r: LinearRelaxation, finite: bool) -> LinearBounds:
@@ -258,82 +255,6 @@ RELAX: dict[Callable[..., Any], Callable[..., Any]] = {}
 RELAX_WEIGHTED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-# Hand-written rules for the commonest affine ops compute exactly what the derived rule does
-# (tests compare them), without the per-call cost of functorch's transforms.
-
-@BACK.rule(ops.linear)
-def back_linear(a: LinearBounds, x: Var, weight: Tensor, bias: Tensor | None = None
-                ) -> LinearBounds:
-    """``z = W x + b``: ``A_in = A W``, ``b += A b_W``."""
-    out_bias = a.bias
-    if bias is not None:  # over the last dim; summed over any leading dims of the node
-        out_bias = out_bias + (a.coef @ bias).reshape(*a.coef.shape[:2], -1).sum(-1)
-    return LinearBounds(torch.matmul(a.coef, weight), out_bias)
-
-
-@BACK.rule(ops.reshape)
-def back_reshape(a: LinearBounds, x: Var, shape: tuple[int, ...]) -> LinearBounds:
-    """A reshape of the value is the same reshape of every row's coefficients."""
-    return LinearBounds(a.coef.reshape(*a.coef.shape[:2], *x.shape), a.bias)
-
-
-@BACK.rule(ops.conv)
-def back_conv(a: LinearBounds, x: Var, weight: Tensor, bias: Tensor | None,
-              stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...],
-              groups: int) -> LinearBounds:
-    """The transposed convolution ``Wᵀ A`` (what the derived rule computes too, without its
-    wasted forward pass at the zero input), and ``b += Σ_c (Σ_pixels A_c) bias_c``."""
-    coef = a.coef
-    batch, rows = coef.shape[:2]
-    grad_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
-                  3: torch.nn.grad.conv3d_input}[weight.dim() - 2]
-    flat = coef.reshape(batch * rows, *coef.shape[2:])
-    new = grad_input((batch * rows, *x.shape), weight, flat, tuple(stride), tuple(padding),
-                     tuple(dilation), groups)
-    out_bias = a.bias
-    if bias is not None:
-        out_bias = out_bias + coef.flatten(3).sum(-1) @ bias
-    return LinearBounds(new.reshape(batch, rows, *x.shape), out_bias)
-
-
-def _apply_spec_rows(coef: Tensor, spec: Tensor | None) -> Tensor:
-    """Rows over the specified quantities ``C z`` → rows over ``z``: ``A C``."""
-    return coef if spec is None else torch.matmul(coef, spec)
-
-
-@BACK.rule(ops.spec_linear)
-def back_spec_linear(a: LinearBounds, x: Var, weight: Tensor, bias: Tensor | None,
-                     spec: Tensor | None) -> LinearBounds:
-    """``q = C (W x + b)``: rows ``A`` over ``q`` become ``(A C) W`` over ``x`` with bias
-    ``(A C) b``. Starting the backward pass with ``A = I`` here is the specification entering
-    as the initial coefficients, the tight way (no bounds on the logits are formed)."""
-    over_logits = _apply_spec_rows(a.coef, spec)  # (batch, R, K)
-    out_bias = a.bias if bias is None else a.bias + over_logits @ bias
-    return LinearBounds(over_logits @ weight, out_bias)
-
-
-@BACK.rule(ops.apply_spec)
-def back_apply_spec(a: LinearBounds, x: Var, spec: Tensor | None) -> LinearBounds:
-    """``q = C vec(x)``: rows ``A C`` over ``x`` (reshaped to its shape)."""
-    coef = _apply_spec_rows(a.coef, spec)
-    return LinearBounds(coef.reshape(*coef.shape[:2], *x.shape), a.bias)
-
-
-@BACK.rule(ops.concat)
-def back_concat(a: LinearBounds, xs: list[Any], dim: int) -> Any:
-    """Split the coefficients along ``dim``; constant pieces go into the bias."""
-    sizes = [x.shape[dim - 1] if isinstance(x, Var) else x.shape[dim] for x in xs]
-    pieces = a.coef.split(sizes, dim=dim + 1)  # coefficient dims: (batch, R, *node_shape)
-    bias = a.bias
-    coefs = []
-    for piece, x in zip(pieces, xs):
-        if isinstance(x, Var):
-            coefs.append(piece)
-        else:
-            bias = bias + _dot_const(piece, x)
-    return _terms(bias, coefs)
-
-
 # ---- max pooling ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -383,8 +304,8 @@ def relax_max_pool(bounds: Interval, kernel_size: tuple[int, ...], stride: tuple
     lw = _windows(lower, *args, out, -math.inf)
     uw = _windows(upper, *args, out, -math.inf)
     spatial = lower.shape[2:]
-    positions = torch.arange(math.prod(spatial), device=lower.device,
-                             dtype=lower.dtype).reshape(1, 1, *spatial)
+    positions = torch.arange(math.prod(spatial), device=lower.device,  # exact in float64
+                             dtype=torch.float64).reshape(1, 1, *spatial)
     iw = _windows(positions, *args, out, -1.0)
     pick = lw.argmax(-1, keepdim=True)
     index = iw.expand(lw.shape).gather(-1, pick).squeeze(-1).long()
@@ -416,4 +337,8 @@ expose_to_codegen(relax_max_pool)
 for _op in RELAXATIONS:
     RELAX[_op] = _make_relax(_op)
     RELAX_WEIGHTED[_op] = _make_weighted_relax(_op)
+
+# The hand-written rules register themselves first; every other op gets a derived one.
+import certfx.domains.linear_affine  # noqa: E402, F401
+
 BACK.derive_missing()

@@ -18,7 +18,7 @@ them, unrolled, into a new GraphModule, so that nothing walks a graph at run tim
 2. **One backward pass per such node and one for the output**, visiting its ancestors in reverse
    topological order and summing the terms of nodes with several users (residual blocks).
 
-The generated ``forward(lower, upper, spec=None, slopes=..., bound_upper=True)`` returns an
+The generated ``forward(lower, upper, spec=None, slopes=None, bound_upper=True)`` returns an
 :class:`~certfx.domains.interval.Interval` on the outputs (with ``spec``: on ``C·output``);
 with ``bound_upper=False`` the output's pass bounds only from below (half the rows; the upper
 bounds are then ``+inf``) — all that margin certification and certified training need.
@@ -29,7 +29,7 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     >>> gm = emit_backsub(certfx.load(net, torch.zeros(1, 2)), IntermediateBounds.BACKSUB)
     >>> print(gm.code.split("def forward")[1].split(":")[0])
-    (self, lower, upper, slopes = Slopes(SlopePolicy.ADAPTIVE, 1.0, 0.0), bound_upper = True)
+    (self, lower, upper, slopes = None, bound_upper = True)
     >>> "back_relu(" in gm.code and "lin_concretize(" in gm.code
     True
 """
@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 import operator
 from collections.abc import Callable
@@ -48,15 +49,25 @@ import torch.fx as fx
 from certfx import ops
 from certfx.compile import LOWER_ONLY_KEY
 from certfx.domains.base import get_domain
-from certfx.domains.linear import (Slopes, Var, lin_add, lin_concretize, lin_identity,
-                                   lin_input, lin_intersect, lin_output_bounds, lin_output_start,
-                                   lin_split)
+from certfx.domains.linear import (
+    Slopes,
+    Var,
+    lin_add,
+    lin_concretize,
+    lin_identity,
+    lin_input,
+    lin_intersect,
+    lin_output_bounds,
+    lin_output_start,
+    lin_slopes,
+    lin_split,
+)
 from certfx.domains.linear_backward import BACK, RELAX, RELAX_WEIGHTED, has_free_slope
 from certfx.domains.relaxations import RELAXATIONS, linear_relaxation
 from certfx.errors import CertfxError, UnsupportedOp, UnsupportedOpsError
 
 __all__ = ["IntermediateBounds", "AlphaScope", "emit_backsub", "ALPHA_KEY",
-           "DEFAULT_MAX_COEFFICIENTS"]
+           "DEFAULT_MAX_COEFFICIENTS", "RuleTracer"]
 
 PERTURBED_KEY = "certfx.perturbed"  # as written by passes.mark_perturbed / shape_prop
 SHAPE_KEY = "certfx.shape"
@@ -65,6 +76,22 @@ ALPHA_KEY = "certfx.alpha"  # meta of α modules: [(placeholder name, rows or No
 # Affine ops that keep a box a box exactly (diagonal maps, selections, embeddings).
 _DIAGONAL = {ops.mul, ops.div, ops.neg, ops.batch_norm, ops.add, ops.sub}
 _SELECTING = {ops.reshape, ops.permute, ops.strided_slice, ops.pad, ops.concat}
+
+
+class RuleTracer(fx.Tracer):
+    """Traces generated code with every function exposed to codegen as a leaf.
+
+    Unpickling a GraphModule re-traces its code (``torch.fx`` stores code, not graphs); the
+    rule functions take abstract elements, not proxies, so they must stay calls. Generated
+    modules name this tracer, so that α-CROWN's submodules survive ``torch.save``/export.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from torch.fx.graph import _custom_builtins
+
+        leaves = tuple(b.obj for b in _custom_builtins.values() if inspect.isfunction(b.obj))
+        kwargs["autowrap_functions"] = (*kwargs.get("autowrap_functions", ()), *leaves)
+        super().__init__(*args, **kwargs)
 
 
 class IntermediateBounds(enum.Enum):
@@ -128,8 +155,9 @@ class _Emitter:
             self.env[extra] = self.g.placeholder(extra.name, default_value=extra.meta.get(
                 "certfx.default", None))
         self.spec = next((self.env[p] for p in placeholders[1:] if p.name == "spec"), None)
-        self.slopes = self.g.placeholder("slopes", default_value=slopes)
+        given = self.g.placeholder("slopes", default_value=None)
         self.bound_upper = self.g.placeholder("bound_upper", default_value=True)
+        self.slopes = self._call(lin_slopes, (given, slopes), "slopes")
         self.box = self._call(lin_input, (self.lower, self.upper), "x")
         self.bounds[self.input] = self.box
 
@@ -217,9 +245,10 @@ class _Emitter:
 
     def _emit_bounds(self, n: fx.Node, how: str) -> None:
         rule = get_domain("box").rule_for(n.target)
-        args = fx.node.map_arg(n.args, lambda a: self.bounds[a] if _perturbed(a)
-                               else self.env[a])
-        intervals = self._call(rule, args, n.name if how == "interval" else f"{n.name}_ibp")
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.bounds[a]
+                                       if _perturbed(a) else self.env[a])
+        intervals = self._call(rule, args, n.name if how == "interval" else f"{n.name}_ibp",
+                               kwargs)
         if how == "interval":
             self.bounds[n] = intervals
             return
@@ -233,7 +262,8 @@ class _Emitter:
         """The relaxation of ``r`` used by the pass named ``start`` (shared unless α)."""
         op_args = self._const(tuple(r.args[1:]))
         free = self.alpha_scope is not AlphaScope.NONE and has_free_slope(r.target, *op_args)
-        per_pass = free and (self.alpha_scope is AlphaScope.ALL or start == "out")
+        final = self.starts[start] is self.output
+        per_pass = free and (self.alpha_scope is AlphaScope.ALL or final)
         key = (r, start if per_pass else "")
         if key in self.relax:
             return self.relax[key]
@@ -241,7 +271,7 @@ class _Emitter:
         name = f"{r.name}_relax"
         if per_pass:
             alpha = self.g.placeholder(f"alpha_{start}_{r.name}", default_value=None)
-            rows = None if start == "out" else 2 * math.prod(self._shape(self.starts[start]))
+            rows = None if final else 2 * math.prod(self._shape(self.starts[start]))
             self.alphas.append((alpha.name, rows))
             kwargs["alpha"] = alpha
             name = f"{r.name}_relax_{start}"
@@ -281,10 +311,12 @@ class _Emitter:
             if _relaxed(n):
                 terms = [self._call(rule, (a, self._relaxation(n, name)), at)]
             else:
-                args = fx.node.map_arg(n.args, lambda v: Var(tuple(v.meta[SHAPE_KEY]))
-                                       if _perturbed(v) else self.env[v])
+                # Perturbed arguments become Vars (canonical graphs pass them positionally).
+                args, kwargs = fx.node.map_arg(
+                    (n.args, n.kwargs), lambda v: Var(tuple(v.meta[SHAPE_KEY]))
+                    if _perturbed(v) else self.env[v])
                 res = self._call(rule, (a, *args), at if len(inputs) == 1
-                                 else f"{name}_from_{n.name}")
+                                 else f"{name}_from_{n.name}", kwargs)
                 terms = [res] if len(inputs) == 1 else [
                     self._call(operator.getitem, (res, k), f"{name}_at_{p.name}")
                     for k, p in enumerate(inputs)]
@@ -350,6 +382,7 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
             "Use domain 'crown-ibp' (intermediate bounds by intervals), or raise "
             "max_coefficients in the domain options if the memory is there.")
     graph.eliminate_dead_code()
+    graph._tracer_cls = RuleTracer  # see RuleTracer
     out = fx.GraphModule(gm, graph, class_name=class_name)
     out.meta.update(gm.meta)
     out.meta[ALPHA_KEY] = list(emitter.alphas)

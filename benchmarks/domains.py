@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import copy
 import re
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import certfx
-from networks import NETWORKS, build  # noqa: E402  (benchmarks/ is the script's folder)
+from bounds import paired_median_ms  # noqa: E402  (benchmarks/ is the script's folder)
+from networks import NETWORKS, build  # noqa: E402
 
 DEFAULT_BATCHES = {"mlp": [32], "mlp6x100": [32], "cnn7": [1, 8], "conv3": [8], "resnet2b": [8]}
 
@@ -73,22 +71,6 @@ def _memory_child(key: str, domain: str, batch: int, device: torch.device) -> No
         print(max(0, _status_kib("VmHWM") - before) / 1024)
 
 
-def paired_ms(baseline: Callable[[], object], candidate: Callable[[], object],
-              device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median times (ms) of the two functions, measured alternately after one warm-up each."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    baseline(), candidate()
-    sync()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, bucket in ((baseline, times[0]), (candidate, times[1])):
-            start = time.perf_counter()
-            fn()
-            sync()
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
-
-
 def measure(key: str, domain: str, batch: int, device: torch.device,
             repeats: int) -> dict[str, float] | str:
     """One table row's numbers, or the reason the domain cannot run on the network."""
@@ -102,7 +84,8 @@ def measure(key: str, domain: str, batch: int, device: torch.device,
     except certfx.CertfxError as err:
         return str(err).splitlines()[0]
     with torch.no_grad():
-        fwd, cert = paired_ms(lambda: net(x), lambda: cm.certified_forward(x), device, repeats)
+        fwd, cert = paired_median_ms(lambda: net(x), lambda: cm.certified_forward(x),
+                                     device, 1, repeats)
         bounds = cm.certified_forward(x)
     memory = peak_memory_mib(key, domain, batch, device)
     width = float((bounds.upper - bounds.lower).mean())

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from certfx.errors import InvalidValueError, ShapeError, SpecError
 
-__all__ = ["InputSpec", "LinfBall", "Box", "Margin", "check_finite"]
+__all__ = ["InputSpec", "LinfBall", "Box", "Margin", "Conjunction", "UnsafeRegion", "Property",
+           "check_finite"]
 
 
 def check_finite(t: Tensor, what: str) -> None:
@@ -156,3 +157,101 @@ def _margin_table(num_classes: int, dtype: torch.dtype, device: torch.device) ->
     c = eye.unsqueeze(1) - eye.unsqueeze(0)  # c[y, j] = e_y − e_j
     others = ~torch.eye(num_classes, dtype=torch.bool, device=device)
     return c[others].reshape(num_classes, num_classes - 1, num_classes)
+
+
+# ---- verification properties (VNN-LIB and dataset robustness) -------------------------------
+
+@dataclass(frozen=True)
+class Conjunction:
+    """Linear constraints ``matrix @ y <= offset`` on the flattened output, all rows at once.
+
+    Attributes:
+        matrix: ``(rows, outputs)``.
+        offset: ``(rows,)``.
+    """
+
+    matrix: Tensor
+    offset: Tensor
+
+    def __post_init__(self) -> None:
+        if self.matrix.dim() != 2 or self.offset.shape != self.matrix.shape[:1]:
+            raise ShapeError(f"a conjunction needs matrix (rows, outputs) and offset (rows,), got "
+                             f"{tuple(self.matrix.shape)} and {tuple(self.offset.shape)}")
+        check_finite(self.matrix, "constraint matrix")
+        check_finite(self.offset, "constraint offset")
+
+    def slack(self, y: Tensor) -> Tensor:
+        """``offset − matrix @ y`` per row for outputs ``y`` of shape ``(batch, outputs)``;
+        all rows ``>= 0`` means ``y`` satisfies the conjunction."""
+        return self.offset.to(y) - y.flatten(1) @ self.matrix.to(y).T
+
+
+@dataclass(frozen=True)
+class UnsafeRegion:
+    """The outputs that violate a property: a disjunction of :class:`Conjunction` terms.
+
+    This is VNN-LIB's reading: the file's output assertions describe a counterexample, so an
+    input is a counterexample when its output satisfies *some* term entirely. The property is
+    verified when every term is infeasible over the input set, which back-substitution shows
+    soundly by a positive lower bound of ``(matrix @ y − offset)`` on at least one row of it.
+
+    Example:
+        >>> region = UnsafeRegion.misclassified(label=1, num_classes=3)
+        >>> region.contains(torch.tensor([[0.0, 2.0, 1.0], [3.0, 2.0, 1.0]])).tolist()
+        [False, True]
+    """
+
+    terms: tuple[Conjunction, ...]
+
+    def __post_init__(self) -> None:
+        if not self.terms:
+            raise SpecError("an unsafe region needs at least one term")
+        outputs = {t.matrix.shape[1] for t in self.terms}
+        if len(outputs) != 1:
+            raise ShapeError(f"unsafe-region terms constrain different output sizes {outputs}")
+
+    @property
+    def num_outputs(self) -> int:
+        """The number of network outputs the constraints read."""
+        return int(self.terms[0].matrix.shape[1])
+
+    @staticmethod
+    def misclassified(label: int, num_classes: int) -> UnsafeRegion:
+        """Some class ``j ≠ label`` scores at least as high: terms ``y_label − y_j <= 0``."""
+        rows = Margin().matrix(torch.tensor([label]), num_classes, torch.float64)[0]
+        return UnsafeRegion(tuple(Conjunction(row[None], torch.zeros(1, dtype=torch.float64))
+                                  for row in rows))
+
+    def contains(self, y: Tensor, tolerance: float = 0.0) -> Tensor:
+        """Which outputs ``(batch, outputs)`` lie in the region (every row of some term holds,
+        up to ``tolerance``), as a boolean ``(batch,)``."""
+        hits = [(t.slack(y) >= -tolerance).all(1) for t in self.terms]
+        return torch.stack(hits, 1).any(1)
+
+
+@dataclass(frozen=True)
+class Property:
+    """One verification query: an input box and the unsafe output region.
+
+    A VNN-LIB file may yield several (its top-level input disjunction gives one per box).
+
+    Attributes:
+        lower, upper: the input box, shaped like one input (no batch dim).
+        unsafe: the outputs that would make an input a counterexample.
+        name: where the property came from (file and index, or data row).
+    """
+
+    lower: Tensor
+    upper: Tensor
+    unsafe: UnsafeRegion
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        Box(self.lower, self.upper)  # validates shapes, finiteness and order
+
+    def is_counterexample(self, x: Tensor, y: Tensor, tolerance: float = 0.0) -> Tensor:
+        """Whether inputs ``x`` lie in the box and their outputs ``y`` in the unsafe region."""
+        x = x.flatten(1)
+        lo, hi = self.lower.to(x).flatten(), self.upper.to(x).flatten()
+        inside = ((x >= lo - tolerance) & (x <= hi + tolerance)).all(1)
+        return inside & self.unsafe.contains(y, tolerance)

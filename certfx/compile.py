@@ -61,8 +61,14 @@ class CertifiedModule(nn.Module):
 
     @property
     def code(self) -> str:
-        """The Python code of the generated bound computation."""
-        return self.bounds.code
+        """The Python code of the generated bound computation, followed by that of the
+        generated modules it calls (``self.<name>``: e.g. back-substitution passes run in
+        chunks)."""
+        parts = [self.bounds.code]
+        for name, sub in self.bounds.named_modules():
+            if name and isinstance(sub, fx.GraphModule):
+                parts.append(f"# self.{name}:{sub.code}")
+        return "\n".join(parts)
 
     def forward(self, x: Tensor) -> Tensor:
         """The network's output on a batch ``x``."""

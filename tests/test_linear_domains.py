@@ -5,6 +5,7 @@ and margins, slope policies, float64, gradients, devices and ``torch.compile``."
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -270,7 +271,7 @@ def test_gradients_reach_the_model_parameters(domain: str, device: torch.device)
 def test_generated_code_is_a_sequence_of_rule_calls(device: torch.device) -> None:
     _, cm, shape = _compile("residual", "crown", 0.02, device=device)
     code = cm.code
-    for call in ("lin_identity(", "back_conv(", "back_relu(", "back_add(", "lin_add(",
+    for call in ("lin_pass_bounds(", "back_conv(", "back_relu(", "back_add(", "lin_add(",
                  "lin_concretize(", "relax_relu(", "box_conv("):
         assert call in code
     assert "for " not in code and "while " not in code
@@ -315,16 +316,39 @@ def test_lower_bounds_only(domain: str) -> None:
     torch.testing.assert_close(plain.lower, cm.bounds(lo, hi).lower)
 
 
-def test_oversized_backward_passes_are_rejected_at_compile_time() -> None:
-    """Dense coefficients beyond the budget fail early, naming the node and the way out."""
+def test_chunked_passes_match_one_pass_and_bound_memory() -> None:
+    """Intermediate passes run in chunks of rows within the coefficient budget: a budget of a
+    few rows gives the same bounds as one pass over all unstable neurons."""
     make, shape = NETWORKS["cnn_bn_maxpool"]
-    for domain, options in (("crown", BacksubOptions(max_coefficients=10_000)),
-                            ("alpha-crown", AlphaCrownOptions(max_coefficients=10_000))):
-        with pytest.raises(certfx.CertfxError, match="(?s)batch_norm.*crown-ibp"):
-            certfx.compile(make(), domain=domain, example_input=torch.zeros(1, *shape),
-                           domain_options=options)
-    certfx.compile(make(), domain="crown-ibp", example_input=torch.zeros(1, *shape),
-                   domain_options=BacksubOptions(max_coefficients=10_000))
+    net, x = make(), torch.rand(3, *shape)
+    ball = certfx.LinfBall(0.05)
+    results = []
+    for budget in (10_000, 1 << 24):
+        cm = certfx.compile(net, domain="crown", input_spec=ball, example_input=x[:1],
+                            domain_options=BacksubOptions(max_coefficients=budget))
+        results.append(cm.certified_forward(x))
+        passes = [n for n in cm.bounds.graph.nodes
+                  if n.op == "call_function" and n.target.__name__ == "lin_pass_bounds"]
+        rows = [(n.args[4], math.prod(n.args[2])) for n in passes]  # (chunk, neurons)
+        assert rows and all(chunk >= 1 for chunk, _ in rows)
+        if budget == 10_000:  # several chunks per pass
+            assert any(chunk < neurons for chunk, neurons in rows), rows
+    torch.testing.assert_close(results[0].lower, results[1].lower, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0].upper, results[1].upper, rtol=1e-5, atol=1e-5)
+
+
+def test_oversized_backward_passes_are_rejected_at_compile_time() -> None:
+    """Passes that cannot run in chunks (α-CROWN's per-pass slopes span all rows) fail early
+    beyond the budget, naming the node and the way out."""
+    make, shape = NETWORKS["cnn_bn_maxpool"]
+    options = AlphaCrownOptions(max_coefficients=10_000, optimize_intermediate=True)
+    with pytest.raises(certfx.CertfxError, match="(?s)batch_norm.*crown-ibp"):
+        certfx.compile(make(), domain="alpha-crown", example_input=torch.zeros(1, *shape),
+                       domain_options=options)
+    for domain in ("crown", "crown-ibp", "alpha-crown"):
+        certfx.compile(make(), domain=domain, example_input=torch.zeros(1, *shape),
+                       domain_options=BacksubOptions(max_coefficients=10_000)
+                       if domain != "alpha-crown" else AlphaCrownOptions(max_coefficients=10_000))
 
 
 @pytest.mark.parametrize("domain", ["crown", "alpha-crown"])

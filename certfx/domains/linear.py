@@ -28,8 +28,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ __all__ = [
     "lin_split",
     "lin_intersect",
     "lin_output_bounds",
+    "lin_pass_bounds",
     "rowdot",
 ]
 
@@ -230,6 +232,58 @@ def lin_output_bounds(rows: Tensor, spec: Tensor | None, shape: tuple[int, ...],
     return lin_split(rows, shape if spec is None else (rows.shape[1] // 2,))
 
 
+def _unit_rows(index: Tensor, shape: tuple[int, ...], like: Tensor) -> LinearBounds:
+    """The start of a pass over the neurons ``index`` (``(batch | 1, c)``, flat indices into
+    a node of per-example ``shape``): rows ``[e_i; −e_i]``, ``(batch | 1, 2c, *shape)``."""
+    eye = torch.zeros(*index.shape, math.prod(shape), dtype=like.dtype, device=like.device)
+    eye.scatter_(2, index.unsqueeze(2), 1.0)
+    coef = torch.cat([eye, -eye], 1).reshape(index.shape[0], -1, *shape)
+    return LinearBounds(coef, coef.new_zeros(coef.shape[:2]))
+
+
+def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
+                    shape: tuple[int, ...], unstable_only: bool, rows_per_chunk: int,
+                    *captured: Any) -> Interval:
+    """The bounds of a node by a backward pass from its neurons, a chunk of them at a time,
+    intersected with its interval bounds ``intervals``.
+
+    ``backward_pass(start, *captured)`` is the generated pass: it maps a :class:`LinearBounds`
+    on the node (the unit rows of the chunk's neurons) to the concretized rows ``(batch, 2c)``.
+    Its dense coefficients hold ``2c × numel`` entries per example at each node it visits, so
+    ``rows_per_chunk`` bounds the memory of any pass, whatever the node's size.
+
+    With ``unstable_only`` (the node feeds only ReLU-like ops), only the neurons whose interval
+    bounds cross 0 get a pass, per example (Zhang et al. 2018 and auto_LiRPA do likewise): a
+    stable neuron's relaxation is exact whatever its bounds, so its interval bounds serve. The
+    neurons are ordered unstable-first per example; a chunk that runs past an example's
+    unstable ones bounds some stable ones too — every bound from a pass is sound, so they are
+    intersected all the same.
+    """
+    lower, upper = intervals.lower.flatten(1), intervals.upper.flatten(1)
+    batch, size = lower.shape
+    if unstable_only:
+        crossing = (lower < 0) & (upper > 0)
+        count = int(crossing.sum(1).max()) if batch else 0
+        if count == 0:
+            return intervals
+        # a stable sort keeps each example's unstable neurons first, in index order
+        index = torch.sort(crossing.to(torch.uint8), dim=1, descending=True, stable=True)[1]
+        index = index[:, :count]
+    else:
+        index = torch.arange(size, device=lower.device).unsqueeze(0)  # shared by the batch
+    found_lower, found_upper = [], []
+    for first in range(0, index.shape[1], rows_per_chunk):
+        chunk = index[:, first:first + rows_per_chunk]
+        rows = backward_pass(_unit_rows(chunk, shape, lower), *captured)
+        found_lower.append(rows[:, :chunk.shape[1]])
+        found_upper.append(-rows[:, chunk.shape[1]:])
+    index = index.expand(batch, -1)
+    new_lower = torch.maximum(lower.gather(1, index), torch.cat(found_lower, 1))
+    new_upper = torch.minimum(upper.gather(1, index), torch.cat(found_upper, 1))
+    return Interval(lower.scatter(1, index, new_lower).reshape(intervals.lower.shape),
+                    upper.scatter(1, index, new_upper).reshape(intervals.upper.shape))
+
+
 for _fn in (lin_slopes, lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
-            lin_intersect, lin_output_bounds, Var, Slopes, SlopePolicy):
+            lin_intersect, lin_output_bounds, lin_pass_bounds, Var, Slopes, SlopePolicy):
     expose_to_codegen(_fn)

@@ -59,6 +59,7 @@ from certfx.domains.linear import (
     lin_intersect,
     lin_output_bounds,
     lin_output_start,
+    lin_pass_bounds,
     lin_slopes,
     lin_split,
 )
@@ -125,6 +126,37 @@ def _relaxed(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in RELAX
 
 
+_KINKED = {ops.relu, ops.leaky_relu}  # relaxations exact for neurons of fixed sign
+
+
+class _SubPass:
+    """A backward pass emitted into a graph of its own, run by :func:`lin_pass_bounds` a chunk
+    of rows at a time: its first input is the start; values of the main graph it reads
+    (relaxations, weights, the input box) become further inputs, in order of first use."""
+
+    def __init__(self) -> None:
+        self.g = fx.Graph()
+        self.start = self.g.placeholder("start")
+        self.captured: dict[fx.Node, fx.Node] = {}
+
+    def _capture(self, n: fx.Node) -> fx.Node:
+        if n.graph is self.g:
+            return n
+        if n not in self.captured:
+            self.captured[n] = self.g.placeholder(n.name)
+        return self.captured[n]
+
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], name: str,
+             kwargs: dict[str, Any] | None = None) -> fx.Node:
+        args, kwargs = fx.node.map_arg((args, kwargs or {}), self._capture)
+        return self.g.create_node("call_function", fn, args, kwargs, name=name)
+
+    def module(self, rows: fx.Node, name: str) -> fx.GraphModule:
+        self.g.output(rows)
+        self.g._tracer_cls = RuleTracer
+        return fx.GraphModule(torch.nn.Module(), self.g, class_name=f"BackwardPass_{name}")
+
+
 class _Emitter:
     """Builds one generated graph; see :func:`emit_backsub`."""
 
@@ -145,6 +177,7 @@ class _Emitter:
         self.alphas: list[tuple[str, int | None]] = []
         self.slope_nodes: list[fx.Node] = []
         self.starts: dict[str, fx.Node] = {}  # backward pass name -> its start node
+        self.submodules: dict[str, fx.GraphModule] = {}  # passes run in chunks, by attribute
         self.lower = self.g.placeholder("lower")
         self.upper = self.g.placeholder("upper")
         self.final_inputs = self.relax_inputs(self._ancestors(self.output))
@@ -253,10 +286,22 @@ class _Emitter:
             self.bounds[n] = intervals
             return
         shape = tuple(n.meta[SHAPE_KEY])
-        start = self._call(lin_identity, (self.lower, shape), f"{n.name}_start")
-        rows = self._backsub(n, start, n.name)
-        backsub = self._call(lin_split, (rows, shape), f"{n.name}_backsub")
-        self.bounds[n] = self._call(lin_intersect, (backsub, intervals), n.name)
+        if self.alpha_scope is AlphaScope.ALL:  # slopes per row of this pass: all rows at once
+            start = self._call(lin_identity, (self.lower, shape), f"{n.name}_start")
+            rows = self._backsub(n, start, n.name)
+            backsub = self._call(lin_split, (rows, shape), f"{n.name}_backsub")
+            self.bounds[n] = self._call(lin_intersect, (backsub, intervals), n.name)
+            return
+        sub = _SubPass()
+        rows = self._backsub(n, sub.start, n.name, sub.call)
+        attr = f"backward_{n.name}"
+        self.submodules[attr] = sub.module(rows, n.name)
+        widest = max(math.prod(self._shape(p)) for p in self._ancestors(n))
+        chunk = max(1, self.max_coefficients // (2 * widest))
+        unstable_only = all(u.target in _KINKED for u in n.users if _perturbed(u))
+        self.bounds[n] = self._call(
+            lin_pass_bounds, (self.g.get_attr(attr), intervals, shape, unstable_only, chunk,
+                              *sub.captured), n.name)
 
     def _relaxation(self, r: fx.Node, start: str) -> fx.Node:
         """The relaxation of ``r`` used by the pass named ``start`` (shared unless α)."""
@@ -294,12 +339,16 @@ class _Emitter:
                 f"coefficients per example at {worst.name} "
                 f"({sizes[worst] * 4 / 2**30:.3g} GiB in float32)")
 
-    def _backsub(self, start: fx.Node, a0: fx.Node, name: str) -> fx.Node:
+    def _backsub(self, start: fx.Node, a0: fx.Node, name: str,
+                 call: Callable[..., fx.Node] | None = None) -> fx.Node:
         """Emit the backward pass from ``start`` (bounds ``a0`` on it) to the input; returns
-        the concretized rows."""
+        the concretized rows. ``call`` emits into another graph (a :class:`_SubPass`, whose
+        memory the chunking bounds); by default into the main one, checking the size."""
         self.starts[name] = start
         ancestors = self._ancestors(start)
-        self._check_size(start, ancestors)
+        if call is None:
+            call = self._call
+            self._check_size(start, ancestors)
         pending: dict[fx.Node, fx.Node] = {start: a0}
         for n in reversed(self.nodes):
             if n not in ancestors or n is self.input or n not in pending:
@@ -309,21 +358,21 @@ class _Emitter:
             rule = BACK.rule_for(n.target)
             at = f"{name}_at_{inputs[0].name}"
             if _relaxed(n):
-                terms = [self._call(rule, (a, self._relaxation(n, name)), at)]
+                terms = [call(rule, (a, self._relaxation(n, name)), at)]
             else:
                 # Perturbed arguments become Vars (canonical graphs pass them positionally).
                 args, kwargs = fx.node.map_arg(
                     (n.args, n.kwargs), lambda v: Var(tuple(v.meta[SHAPE_KEY]))
                     if _perturbed(v) else self.env[v])
-                res = self._call(rule, (a, *args), at if len(inputs) == 1
+                res = call(rule, (a, *args), at if len(inputs) == 1
                                  else f"{name}_from_{n.name}", kwargs)
                 terms = [res] if len(inputs) == 1 else [
-                    self._call(operator.getitem, (res, k), f"{name}_at_{p.name}")
+                    call(operator.getitem, (res, k), f"{name}_at_{p.name}")
                     for k, p in enumerate(inputs)]
             for p, term in zip(inputs, terms):
-                pending[p] = term if p not in pending else self._call(
+                pending[p] = term if p not in pending else call(
                     lin_add, (pending[p], term), f"{name}_at_{p.name}")
-        return self._call(lin_concretize, (pending[self.input], self.box), f"{name}_rows")
+        return call(lin_concretize, (pending[self.input], self.box), f"{name}_rows")
 
 
 def _check_relaxations(gm: fx.GraphModule) -> None:
@@ -342,7 +391,15 @@ def _check_relaxations(gm: fx.GraphModule) -> None:
         raise UnsupportedOpsError("back-substitution cannot relax these nodes", problems)
 
 
-DEFAULT_MAX_COEFFICIENTS = 1 << 28  # per example: 1 GiB of float32 coefficients
+DEFAULT_MAX_COEFFICIENTS = 1 << 24  # per example: 64 MiB of float32 coefficients
+
+
+def _attribute(root: torch.nn.Module, target: str) -> Any:
+    """The attribute at the dotted path ``target`` of ``root``."""
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
@@ -383,7 +440,10 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
             "max_coefficients in the domain options if the memory is there.")
     graph.eliminate_dead_code()
     graph._tracer_cls = RuleTracer  # see RuleTracer
-    out = fx.GraphModule(gm, graph, class_name=class_name)
+    # the root: the canonical graph's attributes (shared, not copied) and the chunked passes
+    attrs = {str(n.target): emitter.submodules.get(str(n.target)) or _attribute(gm, n.target)
+             for n in graph.nodes if n.op == "get_attr"}
+    out = fx.GraphModule(attrs, graph, class_name=class_name)
     out.meta.update(gm.meta)
     out.meta[ALPHA_KEY] = list(emitter.alphas)
     out.meta[LOWER_ONLY_KEY] = result != "intermediate"

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from onnx2torch.node_converters.activations import OnnxSoftmaxV1V11
 from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
 from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
 from onnx2torch.node_converters.cast import OnnxCast
@@ -44,6 +45,7 @@ from onnx2torch.node_converters.matmul import OnnxMatMul
 from onnx2torch.node_converters.neg import OnnxNeg
 from onnx2torch.node_converters.pad import OnnxPadDynamic, OnnxPadStatic, _onnx_padding_to_torch
 from onnx2torch.node_converters.range import OnnxRange
+from onnx2torch.node_converters.reciprocal import OnnxReciprocal
 from onnx2torch.node_converters.reduce import (OnnxReduceStaticAxes, OnnxReduceSumDynamicAxes,
                                                OnnxReduceSumStaticAxes)
 from onnx2torch.node_converters.reshape import OnnxReshape
@@ -58,6 +60,7 @@ from torch import Tensor
 
 from certfx import ops
 from certfx.errors import ShapeError
+from certfx.frontends.torch_ops import log_of, softmax
 from certfx.passes.normalize import SOURCE_KEY, Builder, Traced, mapping
 
 __all__: list[str] = []
@@ -285,11 +288,12 @@ def _binary(b: Builder, args: Args, kwargs: Kwargs, out: Any,
             b.unsupported(f"{kind} with legacy broadcast of a perturbed tensor",
                                "upgrade the model to opset >= 7")
         y = old_style_broadcast(_const(x), _const(y), module.axis)
+    if kind == "Div" and _live(y):
+        return _divide_by_perturbed(b, x, y, out)
     if _live(x) and _live(y):
-        if kind in ("Mul", "Div"):
-            b.unsupported(f"{kind} of two perturbed tensors", "only products with and "
-                               "divisions by constants are supported")
-        op = ops.add if kind == "Add" else ops.sub
+        # Mul of two perturbed tensors is bilinear, never the affine ``mul`` (whose rules take
+        # the second factor as a constant: unsound): ``product`` (ACE App. H.5, Eq. 28–29).
+        op = {"Add": ops.add, "Sub": ops.sub, "Mul": ops.product}[kind]
         return b.call(op, _align(b, x, out), _align(b, y, out))
     first = _live(x)
     live, c = (x, _const(y)) if first else (y, _const(x))
@@ -306,13 +310,31 @@ def _binary(b: Builder, args: Args, kwargs: Kwargs, out: Any,
         return b.call(ops.sub, live, c) if first else b.call(ops.sub, c, live)
     if kind == "Mul":
         return b.call(ops.mul, live, c)
-    if not first:
-        b.unsupported("Div by a perturbed tensor", "only division by constants is "
-                           "supported")
     if not torch.is_floating_point(c) or bool((c == 0).any()):
         b.unsupported("Div by zero or by an integer constant", "divide by a non-zero "
                            "floating-point constant")
     return b.call(ops.div, live, c)
+
+
+def _divide_by_perturbed(b: Builder, x: Any, y: Traced, out: Tensor) -> Result:
+    """``x / y`` with a perturbed divisor: ``x · (1/y)``, the reciprocal by its own rule, then a
+    ``product`` when ``x`` is perturbed too, or ``mul`` by the constant ``x``."""
+    if not torch.is_floating_point(y.value):
+        b.unsupported("Div by an integer tensor", "divide floating-point tensors")
+    inv = Traced(b.call(ops.reciprocal, y), torch.reciprocal(y.value))
+    if _live(x):
+        return b.call(ops.product, _align(b, x, out), _align(b, inv, out))
+    c = _const(x)
+    if not isinstance(c, Tensor):
+        c = torch.as_tensor(c, dtype=out.dtype)
+    if c.numel() == 1 and float(c) == 1.0 and tuple(inv.value.shape) == tuple(out.shape):
+        return inv.node  # 1 / y
+    return b.call(ops.mul, _align(b, inv, out), c)
+
+
+@_onnx_mapping(OnnxReciprocal)
+def _reciprocal(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: Any) -> Result:
+    return b.call(ops.reciprocal, args[0])
 
 
 @_onnx_mapping(OnnxNeg)
@@ -344,9 +366,27 @@ def _clip(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: OnnxClip) ->
 def _function(b: Builder, args: Args, kwargs: Kwargs, out: Any, module: OnnxFunction) -> Result:
     if module.function is torch.tanh:
         return b.call(ops.tanh, args[0])
+    if module.function is torch.exp:
+        return b.call(ops.exp, args[0])
+    if module.function is torch.log:
+        return log_of(b, args[0])  # log(exp(y)) = y, e.g. Log after Softmax
     name = getattr(module.function, "__name__", str(module.function)).capitalize()
     b.unsupported(name, f"certfx has no core op for {name}; add one to certfx.ops with "
                        "a rule per domain, or remove it from the model")
+
+
+@_onnx_mapping(OnnxSoftmaxV1V11)
+def _softmax_v1(b: Builder, args: Args, kwargs: Kwargs, out: Any,
+                module: OnnxSoftmaxV1V11) -> Result:
+    """(Log)Softmax before opset 13: over the input flattened from ``axis`` on."""
+    x = args[0]
+    rank = x.value.dim()
+    axis = module.axis % rank
+    if axis == rank - 1:
+        return softmax(b, x, axis, log=module.is_log)
+    flat_value = torch.flatten(x.value, start_dim=axis)
+    flat = Traced(b.reshape_to(x, flat_value), flat_value)
+    return b.reshape_to(Traced(softmax(b, flat, -1, log=module.is_log), flat_value), out)
 
 
 # ---- shapes -----------------------------------------------------------------------------------

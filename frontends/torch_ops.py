@@ -13,6 +13,7 @@ import operator
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -148,31 +149,46 @@ def _sub(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     return b.call(ops.sub, args[0], args[1])
 
 
-@mapping(operator.mul, operator.imul, torch.mul, method_key("mul"), method_key("mul_"))
+def _live(a: Any) -> bool:
+    """Whether ``a`` is a perturbed tensor (not a constant and not shape metadata such as
+    ``x.size(1)``, which is a fixed number)."""
+    return isinstance(a, Traced) and a.node is not None
+
+
+def _constant(a: Any) -> Any:
+    return a.value if isinstance(a, Traced) else a
+
+
+@mapping(operator.mul, operator.imul, torch.mul, torch.multiply, method_key("mul"),
+         method_key("mul_"), method_key("multiply"))
 def _mul(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
-    x, y = args[0], args[1]
-    if isinstance(x, Traced) and isinstance(y, Traced):
-        return b.call(ops.product, x, y)  # needs the domain's product rule (ACE App. H.5)
-    if not isinstance(x, Traced):
+    x, y = args[0], _arg(args, kwargs, 1, "other")
+    if _live(x) and _live(y):
+        # Both factors perturbed: x·y is bilinear, not affine. It must never become ``mul``
+        # (whose rules treat the second factor as a constant: unsound); ``product`` has the
+        # corner rule in the box (ACE Eq. 28–29) and ACE App. H.5 in the zonotope domain.
+        return b.call(ops.product, x, y)
+    if not _live(x):
         x, y = y, x
-    return b.call(ops.mul, x, y)
+    return b.call(ops.mul, x, _constant(y))
 
 
-@mapping(operator.truediv, operator.itruediv, torch.div, method_key("div"),
-         method_key("div_"))
+@mapping(operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide,
+         method_key("div"), method_key("div_"), method_key("divide"), method_key("true_divide"))
 def _div(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
-    x, y = args[0], args[1]
+    x, y = args[0], _arg(args, kwargs, 1, "other")
     if kwargs.get("rounding_mode") is not None:
         b.unsupported("division with rounding", "only true division is supported")
-    if isinstance(y, Traced):  # x / y = x · (1/y)
+    if _live(y):  # x / y = x · (1/y): the reciprocal's rule, then a product or a constant factor
         inv = Traced(b.call(ops.reciprocal, y), None)
-        if isinstance(x, Traced):
+        if _live(x):
             return b.call(ops.product, x, inv)
+        x = _constant(x)
         return inv.node if _is_one(x) else b.call(ops.mul, inv, x)
-    c = torch.as_tensor(y)
+    c = torch.as_tensor(_constant(y))
     if bool((c == 0).any()):
         b.unsupported("division by zero", "the divisor constant contains 0")
-    return b.call(ops.div, x, y)
+    return b.call(ops.div, x, _constant(y))
 
 
 def _is_one(c: Any) -> bool:
@@ -213,14 +229,82 @@ def _exp(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     return b.call(ops.exp, args[0])
 
 
+def log_of(b: Builder, x: Traced) -> fx.Node:
+    """``log x``, with ``log(exp(y)) = y`` taken literally: the logarithm of a (log-)softmax
+    output (:func:`softmax`) then costs no relaxation at all."""
+    if x.node is not None and x.node.target is ops.exp:
+        return x.node.args[0]  # type: ignore[return-value]
+    return b.call(ops.log, x)
+
+
 @mapping(torch.log, method_key("log"))
 def _log(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
-    return b.call(ops.log, args[0])
+    return log_of(b, args[0])
 
 
 @mapping(torch.reciprocal, method_key("reciprocal"))
 def _reciprocal(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
     return b.call(ops.reciprocal, args[0])
+
+
+def softmax(b: Builder, x: Traced, dim: int, log: bool = False) -> fx.Node:
+    """(Log-)softmax of ``x`` along its source dim ``dim`` in core ops.
+
+    With ``S_i = Σ_j e^{x_j − x_i}`` (``S_i ≥ 1``: the term ``j = i`` is exactly 1)::
+
+        log p_i = −log S_i,    p_i = e^{x_i} / Σ_j e^{x_j} = exp(−log S_i)
+
+    (the log-sum-exp form of ACE Eq. 5, shifted by ``x_i`` instead of a constant). All
+    differences ``x_j − x_i`` come from one ``linear`` node, exact in every domain, so the box
+    keeps the correlation between numerator and denominator, and every relaxation sees positive
+    inputs (``S_i ≥ 1``; exp's zonotope relaxation is positive, ACE Eq. 22), so ``p`` and
+    ``log p`` have finite bounds — up to rounding: with differences near ±70 a zonotope's lower
+    bound ``c − Σ|g|`` of ``S_i`` can round below 0, and log's bounds are then NaN. It costs
+    ``n²`` entries per softmax of size ``n``.
+    """
+    rank = x.value.dim()
+    axis = b.axis(dim, rank)
+    shape = list(b.sample_shape(x.value))  # canonical per-example shape; dim k ↔ shape[k − 1]
+    last = len(shape)  # canonical index of the last dim
+    n = shape[axis - 1]
+    perm: tuple[int, ...] | None = None
+    cur: Any = x
+    if axis != last:  # move the axis last (a swap: its own inverse)
+        order = list(range(last + 1))
+        order[axis], order[last] = order[last], order[axis]
+        perm = tuple(order)
+        shape[axis - 1], shape[last - 1] = shape[last - 1], shape[axis - 1]
+        cur = Traced(b.call(ops.permute, x, perm), None)
+    eye = torch.eye(n, dtype=x.value.dtype)
+    diffs = (eye.unsqueeze(0) - eye.unsqueeze(1)).reshape(n * n, n)  # row i·n + j: e_j − e_i
+    d = b.call(ops.linear, cur, diffs, None)
+    e = b.call(ops.reshape, b.call(ops.exp, d), (*shape, n))
+    s = b.call(ops.reduce_sum, e, (last + 1,), False)  # S_i
+    result = b.call(ops.neg, b.call(ops.log, s))  # log p_i
+    if perm is not None:
+        result = b.call(ops.permute, result, perm)
+    # The softmax ends in ``exp``, so that a following ``log`` cancels it (:func:`log_of`).
+    return result if log else b.call(ops.exp, result)
+
+
+def _softmax_dim(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any) -> int:
+    dim = module.dim if module is not None else _arg(args, kwargs, 1, "dim")
+    if dim is None:
+        b.unsupported("softmax without an explicit dim", "pass dim=...")
+    if isinstance(out, Tensor) and out.dtype != args[0].value.dtype:
+        b.unsupported(f"softmax with dtype {out.dtype}",
+                      "remove the dtype argument; certfx computes in the input's dtype")
+    return int(dim)
+
+
+@mapping(nn.Softmax, F.softmax, torch.softmax, method_key("softmax"))
+def _softmax(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return softmax(b, args[0], _softmax_dim(b, args, kwargs, out, module))
+
+
+@mapping(nn.LogSoftmax, F.log_softmax, torch.log_softmax, method_key("log_softmax"))
+def _log_softmax(b: Builder, args: tuple, kwargs: dict, out: Any, module: Any):
+    return softmax(b, args[0], _softmax_dim(b, args, kwargs, out, module), log=True)
 
 
 @mapping(nn.Hardtanh, F.hardtanh, nn.ReLU6, F.relu6)

@@ -25,6 +25,18 @@ from certfx.passes.normalize import SOURCE_KEY, _where
 __all__ = ["check_support"]
 
 
+def _perturbed_outside(n: fx.Node) -> list[int]:
+    """Positions of perturbed arguments where the op's traits allow only constants."""
+    allowed = ops.traits(n.target).perturbed_args
+    found = []
+    for i, arg in enumerate(n.args):
+        inside: list[fx.Node] = []
+        fx.node.map_arg(arg, inside.append)
+        if i not in allowed and any(a.meta.get(PERTURBED_KEY, False) for a in inside):
+            found.append(i)
+    return found
+
+
 def check_support(domain: str) -> GraphPass:
     """A pass checking that domain ``domain`` has a rule for every perturbed node."""
     dom = get_domain(domain)
@@ -40,6 +52,14 @@ def check_support(domain: str) -> GraphPass:
                 problems.append(UnsupportedOp(n.name, f"{n.op} {what}", where,
                                               "not a core op: map it onto certfx.ops in a pass "
                                               "(see examples/custom_pass.py)"))
+                continue
+            misplaced = _perturbed_outside(n)
+            if misplaced:  # e.g. mul(x, x): a rule for a constant factor would be unsound
+                problems.append(UnsupportedOp(
+                    n.name, n.target.__name__, where,
+                    f"argument(s) {misplaced} of {n.target.__name__} must be constant but are "
+                    "perturbed: use ops.product for a product of two perturbed tensors "
+                    "(and ops.reciprocal for a perturbed divisor)"))
                 continue
             if n.meta.get(PERTURBED_KEY, True) and not dom.supports(n.target):
                 problems.append(UnsupportedOp(

@@ -177,3 +177,17 @@ def test_box_input_spec() -> None:
     pts = lo + torch.rand(400, *shape) * (hi - lo)
     out = net(pts)
     assert bool((out >= out_lo[0] - 1e-5).all() and (out <= out_hi[0] + 1e-5).all())
+
+
+def test_check_support_rejects_perturbed_constant_arguments() -> None:
+    """``mul(x, x)`` would be bounded as x times a constant: unsound, so it is rejected."""
+    class Double(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2.0
+
+    gm = certfx.load(Double(), torch.zeros(1, 3))
+    mul = next(n for n in gm.graph.nodes if n.target is ops.mul)
+    mul.args = (mul.args[0], mul.args[0])
+    gm.recompile()
+    with pytest.raises(UnsupportedOpsError, match="ops.product"):
+        check_support("box")(gm)

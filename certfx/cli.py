@@ -7,6 +7,8 @@ Subcommands (``certfx SUBCOMMAND --help`` shows each one's options and an exampl
 * ``compile MODEL -o DIR``: the generated bound module, written as an importable folder.
 * ``bounds MODEL --eps E --input FILE``: bounds on every logit (and, with labels, certified
   margins) for each input of a ``.npy``/``.pt`` file.
+* ``verify MODEL (SPEC.vnnlib | --eps E --data FILE)``: the verification cascade (attack,
+  bounds, input splitting, MILP), with the VNN-COMP result format (:mod:`certfx.cli_verify`).
 
 Exit status: 0 on success; 1 when ``inspect --check`` finds a difference above the tolerance;
 2 for bad usage or input (any :class:`~certfx.errors.CertfxError`, missing files), printed as
@@ -36,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 import certfx
+from certfx.cli_verify import add_verify
 from certfx.errors import CertfxError
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_ERROR",
@@ -107,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  certfx compile examples/models/demo_cnn.onnx --domain box -o out/demo_box\n"
                "  certfx bounds examples/models/demo_cnn.onnx --eps 0.05 \\\n"
                "      --input examples/models/demo_inputs.npy "
-               "--labels examples/models/demo_labels.npy\n\n"
+               "--labels examples/models/demo_labels.npy\n"
+               "  certfx verify examples/models/demo_cnn.onnx --eps 0.01 \\\n"
+               "      --data examples/models/demo_data.csv\n\n"
                "exit status: 0 success, 1 check failed, 2 bad usage or input, 3 internal error")
     parser.add_argument("--version", action="version", version=f"certfx {certfx.__version__}",
                         help="print the version and exit")
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub, common)
     _add_compile(sub, common)
     _add_bounds(sub, common)
+    add_verify(sub, common, _Formatter)
     return parser
 
 

@@ -33,7 +33,8 @@ from torch import Tensor
 from certfx.errors import CertfxError, InvalidValueError, ShapeError
 from certfx.specs import check_finite
 
-__all__ = ["read_tensor", "read_inputs", "read_labels", "check_range", "write_json_atomic"]
+__all__ = ["read_tensor", "read_inputs", "read_labels", "check_range", "write_json_atomic",
+           "write_text_atomic"]
 
 SUFFIXES = (".npy", ".pt", ".pth")
 
@@ -120,7 +121,12 @@ def read_labels(source: str | os.PathLike[str] | Sequence[int], count: int) -> T
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder, so that
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, _dumps(data))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, so that
     ``path`` is either untouched or complete."""
     path = Path(path)
     if not path.parent.is_dir():
@@ -128,7 +134,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(_dumps(data))
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,7 +15,9 @@ The script writes (all small, committed to the repository):
 
 * ``demo_cnn.onnx``: the network, input ``input`` of shape ``(batch, 1, 28, 28)``;
 * ``demo_inputs.npy``: the first 8 MNIST test images, float32 in [0, 1], ``(8, 1, 28, 28)``;
-* ``demo_labels.npy``: their labels, int64 ``(8,)``.
+* ``demo_labels.npy``: their labels, int64 ``(8,)``;
+* ``demo_data.csv``: the same 8 images as ``label,p0,…,p783`` (pixels 0..255), the layout of
+  the shared MNIST test CSVs, for ``certfx verify --data``.
 
 The demo (``examples/demo.py``) only reads these files.
 
@@ -146,10 +148,12 @@ def main() -> None:
     test_x, test_y = read_mnist_test(args.data, 8)
     np.save(args.out / "demo_inputs.npy", test_x)
     np.save(args.out / "demo_labels.npy", test_y)
+    rows = np.concatenate([test_y[:, None], np.round(test_x.reshape(len(test_x), -1) * 255)], 1)
+    np.savetxt(args.out / "demo_data.csv", rows, fmt="%d", delimiter=",")
     with torch.no_grad():
         pred = net(torch.from_numpy(test_x)).argmax(1).numpy()
     print(f"test predictions {pred.tolist()}, labels {test_y.tolist()}")
-    for name in ("demo_cnn.onnx", "demo_inputs.npy", "demo_labels.npy"):
+    for name in ("demo_cnn.onnx", "demo_inputs.npy", "demo_labels.npy", "demo_data.csv"):
         print(f"wrote {args.out / name} ({(args.out / name).stat().st_size} bytes)")
 
 

@@ -235,9 +235,11 @@ class Verifier:
             first += count
         return still
 
-    def _confirm(self, x: Tensor, prop: Property, notes: list[str]) -> Tensor | None:
-        """``x``'s float64 output when ``x`` is a counterexample for the network *and* (for an
-        ONNX model) for onnxruntime on the original file; else ``None``."""
+    def _confirm(self, x: Tensor, prop: Property, notes: list[str]
+                 ) -> tuple[Tensor, Tensor] | None:
+        """``x`` in float64 and its float64 output when ``x`` is a counterexample for the
+        network *and* (for an ONNX model) for onnxruntime on the original file; else
+        ``None``."""
         x64 = x.detach().to(torch.float64).reshape(1, *self.input_shape)
         with torch.no_grad():
             y = self.graph64(x64).reshape(1, -1)
@@ -247,15 +249,12 @@ class Verifier:
         if self.onnx_path is not None and not recheck(self.onnx_path, prop, x64):
             notes.append("a candidate counterexample failed the onnxruntime re-check")
             return None
-        return y[0]
+        return x64.reshape(self.input_shape), y[0]
 
     def _attack(self, prop: Property, config: PGDConfig, notes: list[str]
                 ) -> tuple[Tensor, Tensor] | None:
         result = pgd_property(self.graph, prop, config)
-        if not result.found:
-            return None
-        y = self._confirm(result.x, prop, notes)
-        return None if y is None else (result.x.reshape(self.input_shape), y)
+        return self._confirm(result.x, prop, notes) if result.found else None
 
     def _split(self, prop: Property, lower: Tensor, upper: Tensor, open_terms: list[int],
                seconds: float, notes: list[str]
@@ -276,9 +275,9 @@ class Verifier:
         if out.status == "verified":
             return Verdict.VERIFIED, None
         if out.status == "candidate" and out.x is not None:
-            y = self._confirm(out.x, prop, notes)
-            if y is not None:
-                return Verdict.FALSIFIED, (out.x, y)
+            witness = self._confirm(out.x, prop, notes)
+            if witness is not None:
+                return Verdict.FALSIFIED, witness
         return None, None
 
     def _milp(self, prop: Property, seconds: float, notes: list[str]
@@ -289,10 +288,8 @@ class Verifier:
         result = verify_property(self.graph64, prop, options)
         notes.extend(result.stats.notes)
         if result.status is MilpStatus.FALSIFIED and result.counterexample is not None:
-            y = self._confirm(result.counterexample, prop, notes)
-            if y is not None:
-                return Verdict.FALSIFIED, (result.counterexample.reshape(self.input_shape), y)
-            return None, None
+            witness = self._confirm(result.counterexample, prop, notes)
+            return (Verdict.FALSIFIED, witness) if witness is not None else (None, None)
         if result.status is MilpStatus.VERIFIED:
             return Verdict.VERIFIED, None
         if result.status is MilpStatus.TIMEOUT:

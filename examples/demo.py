@@ -9,8 +9,9 @@ Steps, each printed as it runs (a few seconds on a laptop CPU):
    space; the normalization is inside the graph), with a sampling check of soundness;
 4. ``certfx compile -o`` to a temporary folder, and a check that the exported module computes
    the same bounds;
-5. ``certfx verify``: robustness of the 8 digits at ε = 0.15 (where box alone certifies none) through the verification cascade
-   (attack, bound domains, input splitting, MILP), with a JSON record per property.
+5. ``certfx verify``: robustness of the 8 digits at ε = 0.15, where box alone certifies none,
+   through the verification cascade (attack, bound domains, input splitting, MILP), with a JSON
+   record per property.
 
 It reads only files in ``examples/models/`` (made by ``examples/make_demo_model.py``).
 """

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from certfx.errors import InvalidValueError, ShapeError, SpecError
 from certfx.specs import Margin
-
 from certfx.verify.attacks import (ModelArg, Norm, PGDConfig, _attack_mode, _inward,
                                    _l2_step, _linf_step, _objective, _pgd, _Target, _uniform,
                                    _violations)

@@ -362,3 +362,32 @@ def test_generated_modules_survive_pickling(domain: str) -> None:
     again = torch.load(buffer, weights_only=False)
     lo, hi = cm.input_bounds(torch.rand(2, *shape))
     torch.testing.assert_close(again(lo, hi).lower, cm.bounds(lo, hi).lower)
+
+
+def _conv_chain(seed: int = 0) -> nn.Module:
+    """Strides, paddings, batch norm, sigmoid and leaky ReLU: every patches step."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 5, 4, 2, 1), nn.Sigmoid(), nn.Conv2d(5, 3, 3, 1, 0),
+                        nn.LeakyReLU(0.1), nn.Conv2d(3, 4, 3, 2, 2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 3 * 3, 3))
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("make", [_conv_chain, lambda: NETWORKS["cnn_bn_maxpool"][0]()])
+def test_patches_equal_dense_coefficients(make: object) -> None:
+    """Local coefficients change memory and time, never the bounds."""
+    net = make()
+    shape = (2, 11, 11) if make is _conv_chain else NETWORKS["cnn_bn_maxpool"][1]
+    x = torch.rand(3, *shape)
+    results = []
+    for patches in (True, False):
+        cm = certfx.compile(net, domain="crown", input_spec=certfx.LinfBall(0.05),
+                            example_input=x[:1], domain_options=BacksubOptions(patches=patches))
+        uses = "patch_rows(" in cm.code
+        assert uses == patches or make is not _conv_chain
+        results.append(cm.certified_forward(x))
+    torch.testing.assert_close(results[0].lower, results[1].lower, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0].upper, results[1].upper, rtol=1e-5, atol=1e-5)

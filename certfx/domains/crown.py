@@ -102,11 +102,15 @@ class BacksubOptions:
     Attributes:
         slopes: the default lower-slope policy (per call: the ``slopes`` argument).
         max_coefficients: per example, the largest coefficient tensor a backward pass may
-            form (compile fails beyond; memory ≈ 4 bytes × batch × this × a few temporaries).
+            form (intermediate passes run in chunks of rows within it; the output's pass fails
+            to compile beyond; memory ≈ 4 bytes × batch × this × a few temporaries).
+        patches: intermediate passes through convolutional chains keep local coefficients
+            (:mod:`~certfx.domains.linear_patches`): the same bounds, far cheaper.
     """
 
     slopes: Slopes = Slopes()
     max_coefficients: int = DEFAULT_MAX_COEFFICIENTS
+    patches: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,8 @@ def _backsub_lowering(intermediate: IntermediateBounds, class_name: str) -> Any:
     def lowering(gm: fx.GraphModule, options: BacksubOptions | None) -> fx.GraphModule:
         options = options or BacksubOptions()
         return emit_backsub(gm, intermediate, options.slopes, class_name=class_name,
-                            max_coefficients=options.max_coefficients)
+                            max_coefficients=options.max_coefficients,
+                            use_patches=options.patches)
 
     return lowering
 

@@ -53,6 +53,7 @@ __all__ = [
     "lin_intersect",
     "lin_output_bounds",
     "lin_pass_bounds",
+    "lin_unit_rows",
     "rowdot",
 ]
 
@@ -232,7 +233,7 @@ def lin_output_bounds(rows: Tensor, spec: Tensor | None, shape: tuple[int, ...],
     return lin_split(rows, shape if spec is None else (rows.shape[1] // 2,))
 
 
-def _unit_rows(index: Tensor, shape: tuple[int, ...], like: Tensor) -> LinearBounds:
+def lin_unit_rows(index: Tensor, shape: tuple[int, ...], like: Tensor) -> LinearBounds:
     """The start of a pass over the neurons ``index`` (``(batch | 1, c)``, flat indices into
     a node of per-example ``shape``): rows ``[e_i; −e_i]``, ``(batch | 1, 2c, *shape)``."""
     eye = torch.zeros(*index.shape, math.prod(shape), dtype=like.dtype, device=like.device)
@@ -247,10 +248,11 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
     """The bounds of a node by a backward pass from its neurons, a chunk of them at a time,
     intersected with its interval bounds ``intervals``.
 
-    ``backward_pass(start, *captured)`` is the generated pass: it maps a :class:`LinearBounds`
-    on the node (the unit rows of the chunk's neurons) to the concretized rows ``(batch, 2c)``.
-    Its dense coefficients hold ``2c × numel`` entries per example at each node it visits, so
-    ``rows_per_chunk`` bounds the memory of any pass, whatever the node's size.
+    ``backward_pass(index, *captured)`` is the generated pass: it maps the flat indices
+    ``(batch | 1, c)`` of a chunk's neurons to the concretized rows ``(batch, 2c)`` of their
+    unit rows ``[e_i; −e_i]`` (:func:`lin_unit_rows`). Its coefficients hold ``2c × numel``
+    entries per example at each node it visits (fewer with patches), so ``rows_per_chunk``
+    bounds the memory of any pass, whatever the node's size.
 
     With ``unstable_only`` (the node feeds only ReLU-like ops), only the neurons whose interval
     bounds cross 0 get a pass, per example (Zhang et al. 2018 and auto_LiRPA do likewise): a
@@ -274,7 +276,7 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
     found_lower, found_upper = [], []
     for first in range(0, index.shape[1], rows_per_chunk):
         chunk = index[:, first:first + rows_per_chunk]
-        rows = backward_pass(_unit_rows(chunk, shape, lower), *captured)
+        rows = backward_pass(chunk, *captured)
         found_lower.append(rows[:, :chunk.shape[1]])
         found_upper.append(-rows[:, chunk.shape[1]:])
     index = index.expand(batch, -1)
@@ -285,5 +287,6 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
 
 
 for _fn in (lin_slopes, lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
-            lin_intersect, lin_output_bounds, lin_pass_bounds, Var, Slopes, SlopePolicy):
+            lin_intersect, lin_output_bounds, lin_pass_bounds, lin_unit_rows, Var, Slopes,
+            SlopePolicy):
     expose_to_codegen(_fn)

@@ -61,9 +61,11 @@ from certfx.domains.linear import (
     lin_output_start,
     lin_pass_bounds,
     lin_slopes,
+    lin_unit_rows,
     lin_split,
 )
 from certfx.domains.linear_backward import BACK, RELAX, RELAX_WEIGHTED, has_free_slope
+from certfx.domains.linear_patches import lin_fill, patch_rows, patch_size
 from certfx.domains.relaxations import RELAXATIONS, linear_relaxation
 from certfx.errors import CertfxError, UnsupportedOp, UnsupportedOpsError
 
@@ -127,12 +129,15 @@ def _relaxed(n: fx.Node) -> bool:
 
 
 _KINKED = {ops.relu, ops.leaky_relu}  # relaxations exact for neurons of fixed sign
+# activations whose relaxation is elementwise with finite lines (patches can carry them)
+_ELEMENTWISE_RELAXED = {ops.relu, ops.leaky_relu, ops.hardtanh, ops.sigmoid, ops.tanh}
 
 
 class _SubPass:
     """A backward pass emitted into a graph of its own, run by :func:`lin_pass_bounds` a chunk
-    of rows at a time: its first input is the start; values of the main graph it reads
-    (relaxations, weights, the input box) become further inputs, in order of first use."""
+    of rows at a time: its first input is the chunk's neuron indices; values of the main graph
+    it reads (relaxations, weights, the input box) become further inputs, in order of first
+    use."""
 
     def __init__(self) -> None:
         self.g = fx.Graph()
@@ -161,9 +166,11 @@ class _Emitter:
     """Builds one generated graph; see :func:`emit_backsub`."""
 
     def __init__(self, gm: fx.GraphModule, intermediate: IntermediateBounds, slopes: Slopes,
-                 alpha: AlphaScope, bounds_inputs: bool, max_coefficients: int):
+                 alpha: AlphaScope, bounds_inputs: bool, max_coefficients: int,
+                 use_patches: bool = True):
         self.gm, self.mode, self.alpha_scope = gm, intermediate, alpha
         self.max_coefficients = max_coefficients
+        self.use_patches = use_patches
         self.too_big: list[str] = []  # backward passes over the coefficient budget
         self.bounds_inputs = bounds_inputs
         self.nodes = list(gm.graph.nodes)
@@ -293,15 +300,63 @@ class _Emitter:
             self.bounds[n] = self._call(lin_intersect, (backsub, intervals), n.name)
             return
         sub = _SubPass()
-        rows = self._backsub(n, sub.start, n.name, sub.call)
+        plan = self._patch_plan(n)
+        if plan is not None:  # a convolutional chain: local coefficients (linear_patches)
+            steps, values = plan
+            rows = sub.call(patch_rows, (sub.start, shape, self.box, steps, *values),
+                            f"{n.name}_rows")
+            widest = patch_size(steps)
+        else:
+            start = sub.call(lin_unit_rows, (sub.start, shape, self.lower), f"{n.name}_start")
+            rows = self._backsub(n, start, n.name, sub.call)
+            widest = max(math.prod(self._shape(p)) for p in self._ancestors(n))
         attr = f"backward_{n.name}"
         self.submodules[attr] = sub.module(rows, n.name)
-        widest = max(math.prod(self._shape(p)) for p in self._ancestors(n))
         chunk = max(1, self.max_coefficients // (2 * widest))
         unstable_only = all(u.target in _KINKED for u in n.users if _perturbed(u))
         self.bounds[n] = self._call(
             lin_pass_bounds, (self.g.get_attr(attr), intervals, shape, unstable_only, chunk,
                               *sub.captured), n.name)
+
+    def _patch_plan(self, n: fx.Node) -> tuple[tuple[Any, ...], list[Any]] | None:
+        """The steps and values of :func:`~certfx.domains.linear_patches.patch_rows` from
+        ``n`` back to the input when that path is a chain of 2-d convolutions, elementwise
+        activations and elementwise affine ops on ``(C, H, W)`` tensors; else ``None``."""
+        if not self.use_patches or len(self._shape(n)) != 3:
+            return None
+        self.starts[n.name] = n
+        steps: list[Any] = []
+        values: list[Any] = []
+        cur = n
+        while cur is not self.input:
+            inputs = _inputs(cur)
+            if len(inputs) != 1 or cur.args[0] is not inputs[0] \
+                    or len(self._shape(inputs[0])) != 3:
+                return None
+            in_shape = self._shape(inputs[0])
+            if cur.target is ops.conv:
+                weight, bias, stride, padding, dilation, groups = cur.args[1:7]
+                if weight.op != "get_attr" or groups != 1 or tuple(dilation) != (1, 1) \
+                        or len(stride) != 2:
+                    return None
+                kernel = tuple(_attribute(self.gm, weight.target).shape[2:])
+                steps.append(("conv", tuple(stride), tuple(padding), kernel, in_shape))
+                values += [self._const(weight), self._const(bias)]
+            elif _relaxed(cur) and cur.target in _ELEMENTWISE_RELAXED:
+                steps.append(("relax", in_shape))
+                values.append(self._relaxation(cur, n.name))
+            elif cur.target in _DIAGONAL and self._shape(cur) == in_shape:
+                consts = (self._const(cur.args[1:]), self._const(cur.kwargs))
+                f = [self.g.create_node(
+                    "call_function", cur.target,
+                    (self._call(lin_fill, (self.lower, in_shape, v), f"{cur.name}_at_{v:g}"),
+                     *consts[0]), consts[1], name=f"{cur.name}_of_{v:g}") for v in (0.0, 1.0)]
+                steps.append(("affine", in_shape))
+                values += f
+            else:
+                return None
+            cur = inputs[0]
+        return tuple(steps), values
 
     def _relaxation(self, r: fx.Node, start: str) -> fx.Node:
         """The relaxation of ``r`` used by the pass named ``start`` (shared unless α)."""
@@ -406,7 +461,8 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
                  slopes: Slopes = Slopes(), alpha: AlphaScope = AlphaScope.NONE,
                  bounds_inputs: bool = False, result: str = "bounds",
                  class_name: str = "CrownBounds",
-                 max_coefficients: int = DEFAULT_MAX_COEFFICIENTS) -> fx.GraphModule:
+                 max_coefficients: int = DEFAULT_MAX_COEFFICIENTS,
+                 use_patches: bool = True) -> fx.GraphModule:
     """Generate the back-substitution bound module of a canonical graph.
 
     Args:
@@ -425,12 +481,15 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
         max_coefficients: the largest coefficient tensor (entries per example) a backward pass
             may form; the dense coefficients of a pass from a node of ``N`` neurons hold
             ``2N × numel`` entries at every node it visits.
+        use_patches: intermediate passes through convolutional chains keep local coefficients
+            (:mod:`~certfx.domains.linear_patches`); same bounds, far less memory and time.
 
     Raises:
         CertfxError: when a backward pass would exceed ``max_coefficients`` (all listed).
     """
     _check_relaxations(gm)
-    emitter = _Emitter(gm, intermediate, slopes, alpha, bounds_inputs, max_coefficients)
+    emitter = _Emitter(gm, intermediate, slopes, alpha, bounds_inputs, max_coefficients,
+                       use_patches)
     graph = emitter.emit(result)
     if emitter.too_big:
         raise CertfxError(

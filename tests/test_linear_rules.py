@@ -139,8 +139,9 @@ def test_relaxed_rule_is_a_lower_bound(op: Callable[..., Any], k: int,
     torch.manual_seed(200 + k)
     args = _boxes(_cast(CASES[op][k](), dtype), dtype)
     box, const = args[0], args[1:]
-    z = _points(box, N)
-    out = _evaluate(op, args, {id(box): z}, N)
+    boxes = [a for a in _flat(args) if isinstance(a, Interval)]  # two for a product
+    points = {id(b): _points(b, N) for b in boxes}
+    out = _evaluate(op, args, points, N)
     a = LinearBounds(torch.randn(B, ROWS, *out.shape[2:], dtype=dtype),
                      torch.randn(B, ROWS, dtype=dtype))
     try:
@@ -153,8 +154,9 @@ def test_relaxed_rule_is_a_lower_bound(op: Callable[..., Any], k: int,
                         RELAX_WEIGHTED[op](box, *const)]
     truth = _value(a.coef, a.bias, out)
     for relaxation in relaxations:
-        t = BACK.rule_for(op)(a, relaxation)
-        bound = _value(t.coef, t.bias, z)
+        terms = _terms(BACK.rule_for(op)(a, relaxation))
+        assert len(terms) == len(boxes)
+        bound = sum(_value(t.coef, t.bias, points[id(b)]) for t, b in zip(terms, boxes))
         assert not bool(bound.isnan().any())
         assert bool((bound <= truth + _tol(dtype, truth.abs().max())).all()), \
             f"{op.__name__}: a point lies below the lower bound"

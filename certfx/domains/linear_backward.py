@@ -23,7 +23,8 @@ carrying its shape). There are three kinds:
 
 The commonest affine ops also have hand-written rules (:mod:`certfx.domains.linear_affine`:
 the same results without functorch's per-call cost, or with per-example constants);
-``product`` and ``softmax_entropy`` have none and are rejected by ``check_support``. New affine
+``softmax_entropy`` has none and is rejected by ``check_support``. ``product`` (of two perturbed
+tensors) has the McCormick relaxation below. New affine
 ops and new relaxation-table entries get rules automatically.
 
 Example:
@@ -56,12 +57,11 @@ from certfx.domains.linear import LinearBounds, Slopes, Var, lin_input, rowdot
 from certfx.domains.relaxations import RELAXATIONS, LinearRelaxation, linear_relaxation
 from certfx.ops import OpTraits
 
-__all__ = ["BACK", "RELAX", "RELAX_WEIGHTED", "MaxPoolRelaxation", "WeightedRelaxation",
-           "has_free_slope", "UNSUPPORTED"]
+__all__ = ["BACK", "RELAX", "RELAX_WEIGHTED", "MaxPoolRelaxation", "ProductRelaxation",
+           "WeightedRelaxation", "has_free_slope", "UNSUPPORTED"]
 
 # Ops deliberately without a backward rule, and why (check_support names them).
 UNSUPPORTED = {
-    ops.product: "a product of two perturbed tensors needs a bilinear (McCormick) relaxation",
     ops.softmax_entropy: "the softmax entropy has no linear relaxation here",
 }
 
@@ -334,6 +334,84 @@ def back_max_pool(a: LinearBounds, relaxation: MaxPoolRelaxation) -> LinearBound
 
 RELAX[ops.max_pool] = relax_max_pool
 expose_to_codegen(relax_max_pool)
+
+
+# ---- products of two perturbed tensors ------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProductRelaxation:
+    """Planes ``c_y x + c_x y + β_l ≤ x·y ≤ c_y x + c_x y + β_u`` per output entry.
+
+    McCormick (1976): for ``x ∈ [l_x, u_x]``, ``y ∈ [l_y, u_y]`` both
+    ``xy ≥ l_y x + l_x y − l_x l_y`` and ``xy ≥ u_y x + u_x y − u_x u_y`` hold, and both
+    ``xy ≤ u_y x + l_x y − l_x u_y`` and ``xy ≤ l_y x + u_x y − u_x l_y``. The average of each
+    pair is again a valid plane, and both averages have the slopes ``c_y = (l_y + u_y)/2`` on
+    ``x`` and ``c_x = (l_x + u_x)/2`` on ``y``: ``β_l = −(l_x l_y + u_x u_y)/2``,
+    ``β_u = −(l_x u_y + u_x l_y)/2``. Fields are ``(batch, 1, *output_shape)``. A constant
+    factor is a point interval, where the planes are exact; ``x_shape``/``y_shape`` are
+    ``None`` for a constant factor (it gets no term).
+    """
+
+    slope_x: Tensor
+    slope_y: Tensor
+    lower_bias: Tensor
+    upper_bias: Tensor
+    x_shape: tuple[int, ...] | None
+    y_shape: tuple[int, ...] | None
+
+
+def _factor(v: Interval | Tensor) -> tuple[Tensor, Tensor, tuple[int, ...] | None]:
+    """``(lower, upper)`` as ``(batch | 1, 1, *shape)``, and the per-example shape of a
+    perturbed factor (``None`` for a constant)."""
+    if isinstance(v, Interval):
+        return v.lower.unsqueeze(1), v.upper.unsqueeze(1), tuple(v.lower.shape[1:])
+    c = torch.as_tensor(v).unsqueeze(0).unsqueeze(0)
+    return c, c, None
+
+
+def relax_product(x: Interval | Tensor, y: Interval | Tensor, *,
+                  slopes: Slopes = Slopes()) -> ProductRelaxation:
+    """The McCormick planes of ``x·y`` from the bounds of both factors (see
+    :class:`ProductRelaxation`)."""
+    (lx, ux, x_shape), (ly, uy, y_shape) = _factor(x), _factor(y)
+    shape = torch.broadcast_shapes(lx.shape, ly.shape)
+    if x_shape is None or y_shape is None:  # c·z is linear: the exact plane, no offsets
+        c = (ly if y_shape is None else lx).expand(shape)
+        zero = torch.zeros_like(c)
+        return ProductRelaxation(c if y_shape is None else zero, zero if y_shape is None else c,
+                                 zero, zero, x_shape, y_shape)
+    return ProductRelaxation(((ly + uy) / 2).expand(shape), ((lx + ux) / 2).expand(shape),
+                             -(lx * ly + ux * uy) / 2, -(lx * uy + ux * ly) / 2,
+                             x_shape, y_shape)
+
+
+def _sum_to(coef: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Sum a ``(B, R, *out)`` coefficient over the dims a factor of ``shape`` was broadcast
+    along: ``(B, R, *shape)``."""
+    lead = coef.dim() - 2 - len(shape)
+    if lead:
+        coef = coef.sum(tuple(range(2, 2 + lead)))
+    dims = tuple(2 + i for i, n in enumerate(shape) if n == 1 and coef.shape[2 + i] != 1)
+    return coef.sum(dims, keepdim=True) if dims else coef
+
+
+@BACK.rule(ops.product)
+def back_product(a: LinearBounds, relaxation: ProductRelaxation) -> Any:
+    """``⟨A, xy⟩ ≥ ⟨A·c_y, x⟩ + ⟨A·c_x, y⟩ + ⟨A⁺, β_l⟩ + ⟨A⁻, β_u⟩``: one term per perturbed
+    factor (a tuple for two), the bias in the first only (see the module docstring)."""
+    r = relaxation
+    coef = a.coef
+    pos = coef.clamp(min=0)
+    bias = a.bias + _rowdot(pos, r.lower_bias) + _rowdot(coef - pos, r.upper_bias)
+    terms = [_sum_to(coef * slope, shape) for slope, shape in
+             ((r.slope_x, r.x_shape), (r.slope_y, r.y_shape)) if shape is not None]
+    if len(terms) == 1:
+        return LinearBounds(terms[0], bias)
+    return LinearBounds(terms[0], bias), LinearBounds(terms[1], torch.zeros_like(bias))
+
+
+RELAX[ops.product] = relax_product
+expose_to_codegen(relax_product)
 for _op in RELAXATIONS:
     RELAX[_op] = _make_relax(_op)
     RELAX_WEIGHTED[_op] = _make_weighted_relax(_op)

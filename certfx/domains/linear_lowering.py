@@ -236,7 +236,7 @@ class _Emitter:
     # -- planning -------------------------------------------------------------------------
     def relax_inputs(self, within: set[fx.Node]) -> list[fx.Node]:
         """Inputs of the relaxed nodes in ``within``, in graph order (no repeats)."""
-        found = {n.args[0] for n in within if _relaxed(n)}
+        found = {p for n in within if _relaxed(n) for p in _inputs(n)}
         return [n for n in self.nodes if n in found]
 
     def plan(self) -> dict[fx.Node, str]:
@@ -360,7 +360,7 @@ class _Emitter:
 
     def _relaxation(self, r: fx.Node, start: str) -> fx.Node:
         """The relaxation of ``r`` used by the pass named ``start`` (shared unless α)."""
-        op_args = self._const(tuple(r.args[1:]))
+        op_args = self._const(tuple(r.args[1:])) if len(_inputs(r)) == 1 else ()
         free = self.alpha_scope is not AlphaScope.NONE and has_free_slope(r.target, *op_args)
         final = self.starts[start] is self.output
         per_pass = free and (self.alpha_scope is AlphaScope.ALL or final)
@@ -376,7 +376,9 @@ class _Emitter:
             kwargs["alpha"] = alpha
             name = f"{r.name}_relax_{start}"
         fn = RELAX_WEIGHTED[r.target] if per_pass else RELAX[r.target]
-        node = self._call(fn, (self.bounds[r.args[0]], *op_args), name, kwargs)
+        args = fx.node.map_arg(r.args, lambda v: self.bounds[v] if _perturbed(v)
+                               else self.env[v])  # the bounds of every perturbed factor
+        node = self._call(fn, args, name, kwargs)
         if per_pass:
             self.slope_nodes.append(self._call(getattr, (node, "weight"), f"{name}_weight"))
         self.relax[key] = node
@@ -412,8 +414,12 @@ class _Emitter:
             inputs = _inputs(n)
             rule = BACK.rule_for(n.target)
             at = f"{name}_at_{inputs[0].name}"
-            if _relaxed(n):
+            if _relaxed(n) and len(inputs) == 1:
                 terms = [call(rule, (a, self._relaxation(n, name)), at)]
+            elif _relaxed(n):  # a product: one term per factor
+                res = call(rule, (a, self._relaxation(n, name)), f"{name}_from_{n.name}")
+                terms = [call(operator.getitem, (res, k), f"{name}_at_{p.name}")
+                         for k, p in enumerate(inputs)]
             else:
                 # Perturbed arguments become Vars (canonical graphs pass them positionally).
                 args, kwargs = fx.node.map_arg(

@@ -60,7 +60,8 @@ from torch import Tensor
 from certfx.compile import LOWER_ONLY_KEY, CertifiedModule
 from certfx.compile import compile as compile_model
 from certfx.domains import available_domains, get_domain
-from certfx.errors import CertfxError, InvalidValueError, ShapeError, SpecError
+from certfx.errors import (CertfxError, InvalidValueError, ShapeError, SpecError,
+                           UnsupportedOpsError)
 from certfx.specs import Box, Property
 from certfx.verify.attacks import Loss, PGDConfig, pgd_property, recheck
 from certfx.verify.split import MAX_INPUTS, split_verify
@@ -284,8 +285,15 @@ class Verifier:
               ) -> tuple[Verdict | None, tuple[Tensor, Tensor] | None]:
         from certfx.backends.milp import MilpOptions, MilpStatus, verify_property
 
-        options = replace(self.options.milp or MilpOptions(), time_limit=max(seconds, 0.01))
-        result = verify_property(self.graph64, prop, options)
+        # smooth activations (sigmoid, tanh) get a sound relaxation: then "infeasible" is still
+        # a proof, and a solution only a candidate for the concrete re-check
+        options = replace(self.options.milp or MilpOptions(allow_relaxation=True),
+                          time_limit=max(seconds, 0.01))
+        try:
+            result = verify_property(self.graph64, prop, options)
+        except UnsupportedOpsError as err:
+            notes.append(f"milp skipped: {str(err).splitlines()[0]}")
+            return None, None
         notes.extend(result.stats.notes)
         if result.status is MilpStatus.FALSIFIED and result.counterexample is not None:
             witness = self._confirm(result.counterexample, prop, notes)

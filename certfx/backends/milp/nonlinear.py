@@ -1,0 +1,231 @@
+"""MILP encodings of the non-affine core ops: ReLU, leaky ReLU, hardtanh, max-pool, and (on
+request) a sound LP relaxation of smooth monotone activations.
+
+Every encoder takes the input :class:`~certfx.backends.milp.problem.Expr` ``x`` with sound
+elementwise bounds ``l ≤ x ≤ u`` and returns the output's ``Expr``, adding variables and
+constraints to a :class:`~certfx.backends.milp.problem.ProblemBuilder`. With ``exact=True`` the
+indicator variables are binary and the encoding is exact on ``[l, u]`` (Tjeng, Xiao, Tedrake,
+"Evaluating Robustness of Neural Networks with Mixed Integer Programming", ICLR 2019, Sec. 3
+and App. A); with ``exact=False`` they are continuous in ``[0, 1]``, which for (leaky) ReLU is
+exactly the triangle relaxation (Ehlers 2017): eliminating ``a`` from the big-M rows below
+leaves the chord ``y ≤ u (x − l) / (u − l)``.
+
+Example:
+    >>> import numpy as np
+    >>> from certfx.backends.milp.problem import Expr, ProblemBuilder
+    >>> b = ProblemBuilder()
+    >>> x = Expr.variables(b.add_variables(np.array([-1.0, 1.0, -3.0]), np.array([2.0, 2.0, -1.0])))
+    >>> y, binaries = encode_relu_like(b, x, np.array([-1.0, 1.0, -3.0]), np.array([2.0, 2.0, -1.0]))
+    >>> binaries, b.build().num_constraints   # one unstable neuron: 1 binary, 3 rows
+    (1, 3)
+    >>> y.interval(*b.bounds())   # stable ones are x itself and the constant 0
+    (array([0., 1., 0.]), array([2., 2., 0.]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from certfx.backends.milp.problem import Expr, ProblemBuilder
+
+__all__ = ["materialize", "encode_relu_like", "encode_hardtanh", "encode_max",
+           "encode_relaxed", "pool_windows"]
+
+
+def materialize(builder: ProblemBuilder, x: Expr, lower: np.ndarray,
+                upper: np.ndarray) -> Expr:
+    """``x`` as one variable per row: a row that is already ``1·v_j`` keeps ``v_j``; any other
+    row gets a new variable ``z`` in ``[lower, upper]`` with the equality ``z = row``."""
+    plain = x.plain_variables()
+    need = np.flatnonzero(plain < 0)
+    if need.size:
+        z = builder.add_variables(lower[need], upper[need])
+        builder.add_constraints(Expr.variables(z) - x.select(need), 0.0, 0.0)
+        plain[need] = z
+    return Expr.variables(plain)
+
+
+def _reorder(parts: list[tuple[np.ndarray, Expr]], size: int) -> Expr:
+    """Rows ``parts[k][1]`` placed at positions ``parts[k][0]`` of a ``size``-row result."""
+    positions = np.concatenate([p for p, _ in parts]).astype(np.int64)
+    stacked = Expr.stack([e for _, e in parts])
+    inverse = np.empty(size, dtype=np.int64)
+    inverse[positions] = np.arange(size)
+    return stacked.select(inverse)
+
+
+def encode_relu_like(builder: ProblemBuilder, x: Expr, lower: np.ndarray, upper: np.ndarray,
+                     alpha: float = 0.0, exact: bool = True) -> tuple[Expr, int]:
+    """``y = x`` where ``x ≥ 0`` and ``α x`` elsewhere (ReLU: ``α = 0``); returns ``(y, number
+    of binaries)``.
+
+    Stable neurons need no variable: ``l ≥ 0`` gives ``y = x`` and ``u ≤ 0`` gives ``y = α x``.
+    An unstable one (``l < 0 < u``) gets ``y`` and an indicator ``a`` (``a = 1`` ⇔ ``x ≥ 0``).
+    For ``0 ≤ α ≤ 1`` (``f`` convex, Tjeng et al. 2019, Eq. 5 with ``α = 0``)::
+
+        y ≥ x,   y ≥ α x,   y ≤ x − (1 − α) l (1 − a),   y ≤ α x + (1 − α) u a
+
+    (``a = 1`` forces ``y = x ≥ α x``, i.e. ``x ≥ 0``; ``a = 0`` forces ``y = α x ≥ x``).
+    Any other slope uses the sign indicator directly: ``x ≤ u a``, ``x ≥ l (1 − a)``,
+    ``|y − x| ≤ |1 − α| |l| (1 − a)``, ``|y − α x| ≤ |1 − α| u a``.
+    """
+    n = x.size
+    active = np.flatnonzero(lower >= 0)
+    inactive = np.flatnonzero((upper <= 0) & (lower < 0))
+    unstable = np.flatnonzero((lower < 0) & (upper > 0))
+    parts: list[tuple[np.ndarray, Expr]] = [(active, x.select(active))]
+    if alpha == 0.0:
+        parts.append((inactive, Expr.constant(np.zeros(inactive.size))))
+    else:
+        parts.append((inactive, x.select(inactive).scale(alpha)))
+    if unstable.size == 0:
+        return _reorder(parts, n), 0
+    l, u = lower[unstable], upper[unstable]
+    xv = materialize(builder, x.select(unstable), l, u)
+    ylo, yhi = np.minimum(alpha * l, 0.0), np.maximum(alpha * l, u)
+    y = Expr.variables(builder.add_variables(ylo, yhi))
+    a = Expr.variables(builder.add_variables(np.zeros(l.size), np.ones(l.size), integer=exact))
+    if 0.0 <= alpha <= 1.0:
+        builder.add_constraints(y - xv, lower=0.0)                                  # y ≥ x
+        if alpha > 0.0:
+            builder.add_constraints(y - xv.scale(alpha), lower=0.0)                 # y ≥ α x
+        c = 1.0 - alpha
+        builder.add_constraints(y - xv - a.scale(c * l), upper=-c * l)   # y ≤ x − c l (1 − a)
+        builder.add_constraints(y - xv.scale(alpha) - a.scale(c * u), upper=0.0)  # ≤ αx + c u a
+    else:
+        c = abs(1.0 - alpha)
+        builder.add_constraints(xv - a.scale(u), upper=0.0)                         # x ≤ u a
+        builder.add_constraints(xv + a.scale(l), lower=l)                     # x ≥ l (1 − a)
+        m = c * np.abs(l)
+        builder.add_constraints(y - xv + a.scale(m), upper=m)            # y − x ≤ m (1 − a)
+        builder.add_constraints(y - xv - a.scale(m), lower=-m)           # y − x ≥ −m (1 − a)
+        builder.add_constraints(y - xv.scale(alpha) - a.scale(c * u), upper=0.0)
+        builder.add_constraints(y - xv.scale(alpha) + a.scale(c * u), lower=0.0)
+    parts.append((unstable, y))
+    return _reorder(parts, n), int(unstable.size) if exact else 0
+
+
+def encode_hardtanh(builder: ProblemBuilder, x: Expr, lower: np.ndarray, upper: np.ndarray,
+                    min_val: float, max_val: float, exact: bool = True) -> tuple[Expr, int]:
+    """``clamp(x, min_val, max_val)`` as ``b − relu(b − (a + relu(x − a)))`` with two ReLU
+    encodings (a missing side, ``±inf``, is skipped)."""
+    binaries = 0
+    if np.isfinite(min_val):
+        r, k = encode_relu_like(builder, x.shift(-min_val), lower - min_val, upper - min_val,
+                                0.0, exact)
+        x, binaries = r.shift(min_val), binaries + k
+        lower, upper = np.maximum(lower, min_val), np.maximum(upper, min_val)
+    if np.isfinite(max_val):
+        r, k = encode_relu_like(builder, (-x).shift(max_val), max_val - upper, max_val - lower,
+                                0.0, exact)
+        x, binaries = (-r).shift(max_val), binaries + k
+    return x, binaries
+
+
+def pool_windows(in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                 padding: tuple[int, ...], dilation: tuple[int, ...]) -> np.ndarray:
+    """For max pooling of one example ``(C, *spatial)``: the flat input indices of each output's
+    window, ``(outputs, kernel_numel)``, with ``-1`` for padding (which is ``−inf``).
+
+    Example:
+        >>> pool_windows((1, 2, 3), (1, 1, 2), (2, 2), (2, 2), (0, 0), (1, 1)).tolist()
+        [[0, 1, 3, 4], [2, -1, 5, -1]]
+    """
+    dims = len(kernel_size)
+    index = torch.arange(int(np.prod(in_shape)), dtype=torch.float64).reshape(1, *in_shape)
+    pads: list[int] = []
+    for d in reversed(range(dims)):  # F.pad order: last dim first; extra right pad for ceil_mode
+        span = (out_shape[1 + d] - 1) * stride[d] + (kernel_size[d] - 1) * dilation[d] + 1
+        extra = max(0, span - (in_shape[1 + d] + 2 * padding[d]))
+        pads += [padding[d], padding[d] + extra]
+    index = torch.nn.functional.pad(index, pads, value=-1.0)
+    for d in range(dims):
+        span = (kernel_size[d] - 1) * dilation[d] + 1
+        index = index.unfold(2 + d, span, stride[d])[..., ::dilation[d]]
+        index = index.narrow(2 + d, 0, out_shape[1 + d])
+    return index.reshape(int(np.prod(out_shape)), -1).numpy().astype(np.int64)
+
+
+def encode_max(builder: ProblemBuilder, x: Expr, lower: np.ndarray, upper: np.ndarray,
+               windows: np.ndarray, exact: bool = True) -> tuple[Expr, int]:
+    """``y_j = max_{i ∈ windows[j]} x_i`` (Tjeng et al. 2019, Eq. 6); returns ``(y, binaries)``.
+
+    Candidates whose upper bound is below the largest lower bound in the window can never be the
+    maximum and are pruned; one remaining candidate makes ``y_j`` that input. Otherwise, with one
+    indicator ``a_i`` per candidate, ``Σ a_i = 1``, ``y ≥ x_i`` and
+    ``y ≤ x_i + (U_{−i} − l_i)(1 − a_i)`` where ``U_{−i}`` is the largest upper bound of the
+    other candidates; ``y ∈ [max_i l_i, max_i u_i]`` covers the pruned inputs.
+    """
+    singles, single_src = [], []
+    multi: list[tuple[int, np.ndarray]] = []
+    for j, window in enumerate(windows):
+        cand = window[window >= 0]
+        top = lower[cand].max()
+        keep = cand[upper[cand] >= top]
+        if keep.size == 1:
+            singles.append(j)
+            single_src.append(int(keep[0]))
+        else:
+            multi.append((j, keep))
+    parts = [(np.asarray(singles, dtype=np.int64), x.select(np.asarray(single_src, np.int64)))]
+    if not multi:
+        return _reorder(parts, windows.shape[0]), 0
+    used = np.unique(np.concatenate([k for _, k in multi]))
+    var_of = np.full(x.size, -1, dtype=np.int64)
+    var_of[used] = materialize(builder, x.select(used), lower[used], upper[used]).cols
+    ylo = np.array([lower[k].max() for _, k in multi])
+    yhi = np.array([upper[k].max() for _, k in multi])
+    yv = builder.add_variables(ylo, yhi)
+    sizes = np.array([k.size for _, k in multi])
+    av = builder.add_variables(np.zeros(sizes.sum()), np.ones(sizes.sum()), integer=exact)
+    owner = np.repeat(np.arange(len(multi)), sizes)              # pair p belongs to output owner
+    cand = np.concatenate([k for _, k in multi])
+    big = np.concatenate([_others_max(upper[k]) - lower[k] for _, k in multi])
+    pairs = np.arange(cand.size)
+    ones = np.ones(cand.size)
+    # y_j − x_i ≥ 0
+    builder.add_constraints(Expr.build(np.r_[pairs, pairs], np.r_[yv[owner], var_of[cand]],
+                                       np.r_[ones, -ones], np.zeros(cand.size)), lower=0.0)
+    # y_j − x_i + M a_i ≤ M
+    builder.add_constraints(Expr.build(np.r_[pairs, pairs, pairs],
+                                       np.r_[yv[owner], var_of[cand], av],
+                                       np.r_[ones, -ones, big], np.zeros(cand.size)), upper=big)
+    # Σ_i a_i = 1
+    builder.add_constraints(Expr.build(owner, av, ones, np.zeros(len(multi))), 1.0, 1.0)
+    parts.append((np.array([j for j, _ in multi], dtype=np.int64), Expr.variables(yv)))
+    return _reorder(parts, windows.shape[0]), int(sizes.sum()) if exact else 0
+
+
+def _others_max(u: np.ndarray) -> np.ndarray:
+    """``max_{k ≠ i} u_k`` for every ``i`` (at least two entries)."""
+    order = np.argsort(u)
+    first, second = u[order[-1]], u[order[-2]]
+    out = np.full(u.shape, first)
+    out[order[-1]] = second
+    return out
+
+
+def encode_relaxed(builder: ProblemBuilder, x: Expr, lower: np.ndarray, upper: np.ndarray,
+                   fn: Callable[..., Any], args: tuple[Any, ...]) -> Expr:
+    """A sound (not exact) encoding of a monotone elementwise activation ``fn`` from the shared
+    relaxation table: ``y ∈ [fn(l), fn(u)]`` and ``a_l x + b_l ≤ y ≤ a_u x + b_u``."""
+    from certfx.domains.relaxations import linear_relaxation
+
+    lo_t, hi_t = torch.from_numpy(lower), torch.from_numpy(upper)
+    r = linear_relaxation(fn, lo_t, hi_t, *args)
+    with torch.no_grad():
+        f_lo, f_hi = fn(lo_t[None], *args)[0].numpy(), fn(hi_t[None], *args)[0].numpy()
+    fields = [t.detach().to(torch.float64).expand_as(lo_t).numpy() for t in
+              (r.lower_slope, r.lower_bias, r.upper_slope, r.upper_bias)]
+    if not all(np.isfinite(f).all() for f in (f_lo, f_hi, *fields)):
+        raise ValueError(f"{fn.__name__} has no finite relaxation on the input bounds")
+    xv = materialize(builder, x, lower, upper)
+    y = Expr.variables(builder.add_variables(f_lo, f_hi))
+    builder.add_constraints(y - xv.scale(fields[0]), lower=fields[1])
+    builder.add_constraints(y - xv.scale(fields[2]), upper=fields[3])
+    return y

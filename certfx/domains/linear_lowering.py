@@ -16,7 +16,12 @@ them, unrolled, into a new GraphModule, so that nothing walks a graph at run tim
    the input through affine ops of which at most one mixes coordinates (a box maps exactly
    through one affine map and through any diagonal ones).
 2. **One backward pass per such node and one for the output**, visiting its ancestors in reverse
-   topological order and summing the terms of nodes with several users (residual blocks).
+   topological order and summing the terms of nodes with several users (residual blocks). A
+   node's pass is a generated submodule (``self.backward_<node>``) that
+   :func:`~certfx.domains.linear.lin_pass_bounds` runs in chunks of rows within the coefficient
+   budget, only over the neurons intervals leave unstable (when only ReLU-like ops read the
+   node); through a chain of convolutions it keeps each row's receptive field only
+   (:mod:`~certfx.domains.linear_patches`).
 
 The generated ``forward(lower, upper, spec=None, slopes=None, bound_upper=True)`` returns an
 :class:`~certfx.domains.interval.Interval` on the outputs (with ``spec``: on ``C·output``);

@@ -113,3 +113,26 @@ def test_smooth_activations_need_the_relaxation_option() -> None:
         verify_property(gm, prop, MilpOptions(domains=()))
     result = verify_property(gm, prop, MilpOptions(domains=(), allow_relaxation=True))
     assert result.status is MilpStatus.VERIFIED  # |y| is small: y <= −100 is impossible
+
+
+def test_conv_and_max_pool_bounds_are_exact() -> None:
+    """On a conv + max-pool net each proven minimum is attained by a real input: the property
+    ``y_j <= min + 1e-3`` is falsified with a concretely re-checked counterexample, and
+    ``y_j <= min − 1e-3`` is verified; no sampled input goes below the minimum."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(2, 2)).double()
+    gm = certfx.load(net, torch.zeros(1, 1, 3, 3, dtype=torch.float64))
+    lo, hi = torch.zeros(1, 3, 3, dtype=torch.float64), torch.ones(1, 3, 3, dtype=torch.float64)
+    b = output_bounds(gm, lo.flatten(), hi.flatten(), MilpOptions(domains=()))
+    for j in range(2):
+        row = torch.eye(2, dtype=torch.float64)[j:j + 1]
+        for slack, expected in ((1e-3, MilpStatus.FALSIFIED), (-1e-3, MilpStatus.VERIFIED)):
+            unsafe = UnsafeRegion((Conjunction(row, torch.tensor([b.lower[j] + slack])),))
+            result = verify_property(gm, Property(lo, hi, unsafe), MilpOptions(domains=()))
+            assert result.status is expected, (j, slack, result.status)
+    u = torch.rand(20000, 1, 3, 3, dtype=torch.float64)
+    u[:10000] = (u[:10000] < 0.5).double()  # corners
+    with torch.no_grad():
+        y = net(u).numpy()
+    assert (y.min(0) >= b.lower - 1e-6).all() and (y.max(0) <= b.upper + 1e-6).all()

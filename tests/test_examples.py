@@ -114,7 +114,9 @@ def test_make_demo_model_script(tmp_path: Path) -> None:
                     str(tmp_path), "--data", str(DATA), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["demo_cnn.onnx", "demo_inputs.npy", "demo_labels.npy"]
+    assert names == ["demo_cnn.onnx", "demo_data.csv", "demo_inputs.npy", "demo_labels.npy"]
+    bundled = (EXAMPLES / "models" / "demo_data.csv").read_text()
+    assert (tmp_path / "demo_data.csv").read_text() == bundled
     gm = certfx.load(tmp_path / "demo_cnn.onnx")
     assert gm.meta["certfx.input_shape"] == (1, 28, 28)
     np.testing.assert_array_equal(np.load(tmp_path / "demo_inputs.npy"), np.load(INPUTS))

@@ -15,6 +15,7 @@ run takes most of an hour per example on two cores.
 Usage:
     python benchmarks/domains.py [--networks mlp cnn7 …] [--domains box deepz crown …]
                                  [--batches 1 8] [--device cpu] [--repeats 10] [--max-chunks N]
+                                 [--margins]
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def _memory_child(key: str, domain: str, batch: int, device: torch.device,
 
 
 def measure(key: str, domain: str, batch: int, device: torch.device,
-            repeats: int, limit: int | None = None) -> dict[str, float] | str:
+            repeats: int, limit: int | None = None, margins: bool = False
+            ) -> dict[str, float] | str:
     """One table row's numbers, or the reason the domain cannot run on the network."""
     spec = NETWORKS[key]
     net = build(key, device)
@@ -102,8 +104,10 @@ def measure(key: str, domain: str, batch: int, device: torch.device,
         with _probed(cm, limit) as log:
             bounds = cm.certified_forward(x)
         extra_ms = 1000 * log.extrapolated_extra_seconds() if limit is not None else 0.0
+        labels = net(x).argmax(1)
+        args = (x, labels) if margins else (x,)  # margins: lower bounds only
         with _probed(cm, limit):
-            fwd, cert = paired_median_ms(lambda: net(x), lambda: cm.certified_forward(x),
+            fwd, cert = paired_median_ms(lambda: net(x), lambda: cm.certified_forward(*args),
                                          device, 1, repeats)
         cert += extra_ms
     memory = peak_memory_mib(key, domain, batch, device, limit)
@@ -126,6 +130,9 @@ def main() -> None:
                         help="batch sizes (default: per network, e.g. 32 for the MLPs)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs (median reported)")
+    parser.add_argument("--margins", action="store_true",
+                        help="time margin lower bounds certified_forward(x, y) instead of "
+                             "two-sided logit bounds (width and memory stay the logits')")
     parser.add_argument("--max-chunks", type=int, default=None,
                         help="run only the first N chunks of every chunked backward pass "
                              "(memory measured, time extrapolated, no width)")
@@ -140,7 +147,8 @@ def main() -> None:
     for key in args.networks:
         for batch in args.batches or DEFAULT_BATCHES[key]:
             for domain in domains:
-                row = measure(key, domain, batch, device, args.repeats, args.max_chunks)
+                row = measure(key, domain, batch, device, args.repeats, args.max_chunks,
+                              args.margins)
                 name = NETWORKS[key].name
                 if isinstance(row, str):
                     print(f"{name:<20} {batch:>5} {domain:<12} n/a: {row}", flush=True)

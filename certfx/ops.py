@@ -466,6 +466,30 @@ def max_pool(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
               ceil_mode=ceil_mode)
 
 
+def pool_windows(x: Tensor, kernel: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], out_size: Sequence[int],
+                 fill: float) -> Tensor:
+    """The windows of :func:`max_pool` over ``x`` ``(N, C, *spatial)`` as
+    ``(N, C, *out_size, K)``, padded with ``fill`` (``ceil_mode`` windows included: the right
+    padding reaches the last one). Not a core op: a helper of the domains' max-pool rules.
+
+    Example:
+        >>> pool_windows(torch.arange(4.0).reshape(1, 1, 4), (2,), (2,), (0,), (1,), (2,),
+        ...              0.0).tolist()
+        [[[[0.0, 1.0], [2.0, 3.0]]]]
+    """
+    n = len(kernel)
+    pads: list[int] = []
+    for i in reversed(range(n)):  # F.pad lists the last dim first
+        need = (out_size[i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1
+        pads += [padding[i], max(need - x.shape[2 + i] - padding[i], 0)]
+    x = F.pad(x, pads, value=fill)
+    for i in range(n):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])[..., ::dilation[i]].narrow(2 + i, 0, out_size[i])
+    return x.flatten(-n)
+
+
 
 # --------------------------------------------------------------------------------------------
 # Smooth elementwise functions, the product of two perturbed tensors and the softmax entropy

@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from certfx import ops
@@ -275,24 +274,6 @@ class MaxPoolRelaxation:
     in_shape: tuple[int, ...]
 
 
-def _windows(t: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
-             padding: tuple[int, ...], dilation: tuple[int, ...], out: tuple[int, ...],
-             fill: float) -> Tensor:
-    """The pooling windows of ``t`` ``(B, C, *spatial)`` as ``(B, C, *out, K)``, padded with
-    ``fill`` like ``max_pool`` (including the extra right padding of ``ceil_mode``)."""
-    d = len(kernel)
-    pads: list[int] = []
-    for i in reversed(range(d)):  # F.pad order: last dim first
-        span = dilation[i] * (kernel[i] - 1) + 1
-        need = (out[i] - 1) * stride[i] + span
-        pads += [padding[i], max(need - t.shape[2 + i] - padding[i], 0)]
-    t = F.pad(t, pads, value=fill)
-    for i in range(d):
-        span = dilation[i] * (kernel[i] - 1) + 1
-        t = t.unfold(2 + i, span, stride[i])[..., :: dilation[i]].narrow(2 + i, 0, out[i])
-    return t.flatten(-d)
-
-
 def relax_max_pool(bounds: Interval, kernel_size: tuple[int, ...], stride: tuple[int, ...],
                    padding: tuple[int, ...], dilation: tuple[int, ...], ceil_mode: bool, *,
                    slopes: Slopes = Slopes()) -> MaxPoolRelaxation:
@@ -301,12 +282,12 @@ def relax_max_pool(bounds: Interval, kernel_size: tuple[int, ...], stride: tuple
     args = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
     u_max = ops.max_pool(upper, *args, ceil_mode)
     out = tuple(u_max.shape[2:])
-    lw = _windows(lower, *args, out, -math.inf)
-    uw = _windows(upper, *args, out, -math.inf)
+    lw = ops.pool_windows(lower, *args, out, -math.inf)
+    uw = ops.pool_windows(upper, *args, out, -math.inf)
     spatial = lower.shape[2:]
     positions = torch.arange(math.prod(spatial), device=lower.device,  # exact in float64
                              dtype=torch.float64).reshape(1, 1, *spatial)
-    iw = _windows(positions, *args, out, -1.0)
+    iw = ops.pool_windows(positions, *args, out, -1.0)
     pick = lw.argmax(-1, keepdim=True)
     index = iw.expand(lw.shape).gather(-1, pick).squeeze(-1).long()
     others = uw.scatter(-1, pick, -math.inf).amax(-1)

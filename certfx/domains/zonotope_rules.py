@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from certfx import ops
@@ -35,22 +34,6 @@ __all__ = ["deepz_max_pool", "deepz_product", "deepz_softmax_entropy", "entropy_
 
 
 # ---- max pooling ----------------------------------------------------------------------------
-
-def _windows(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-             dilation: Sequence[int], out_size: Sequence[int], fill: float) -> Tensor:
-    """The pooling windows of ``x`` ``(N, C, *spatial)`` as ``(N, C, *out_size, K)``, padded
-    with ``fill`` (``ceil_mode`` windows included: the right padding reaches the last one)."""
-    n = len(kernel)
-    pads: list[int] = []
-    for i in reversed(range(n)):  # F.pad lists the last dim first
-        need = (out_size[i] - 1) * stride[i] + dilation[i] * (kernel[i] - 1) + 1
-        pads += [padding[i], max(need - x.shape[2 + i] - padding[i], 0)]
-    x = F.pad(x, pads, value=fill)
-    for i in range(n):
-        span = dilation[i] * (kernel[i] - 1) + 1
-        x = x.unfold(2 + i, span, stride[i])[..., ::dilation[i]].narrow(2 + i, 0, out_size[i])
-    return x.flatten(-n)
-
 
 @DEEPZ.rule(ops.max_pool)
 def deepz_max_pool(x: Zonotope, kernel_size: Sequence[int], stride: Sequence[int],
@@ -64,8 +47,8 @@ def deepz_max_pool(x: Zonotope, kernel_size: Sequence[int], stride: Sequence[int
     """
     args = (kernel_size, stride, padding, dilation)
     out_size = ops.max_pool(x.center, *args, ceil_mode).shape[2:]
-    lower_w = _windows(x.lower, *args, out_size, -math.inf)
-    upper_w = _windows(x.upper, *args, out_size, -math.inf)
+    lower_w = ops.pool_windows(x.lower, *args, out_size, -math.inf)
+    upper_w = ops.pool_windows(x.upper, *args, out_size, -math.inf)
     low, arg = lower_w.max(-1)
     high = upper_w.amax(-1)
     others = upper_w.scatter(-1, arg.unsqueeze(-1), -math.inf).amax(-1)
@@ -74,7 +57,7 @@ def deepz_max_pool(x: Zonotope, kernel_size: Sequence[int], stride: Sequence[int
     b, e, c = x.generators.shape[:3]
     spatial = x.center.shape[2:]
     index = torch.arange(math.prod(spatial), device=x.center.device).view(1, 1, *spatial)
-    pos = _windows(index, *args, out_size, 0).expand(b, c, *out_size, -1)
+    pos = ops.pool_windows(index, *args, out_size, 0).expand(b, c, *out_size, -1)
     pos = pos.gather(-1, arg.unsqueeze(-1)).flatten(2)  # (b, c, n_out)
     at = x.center.flatten(2).gather(2, pos).view(b, c, *out_size)
     gens = x.generators.flatten(3).gather(3, pos.unsqueeze(1).expand(b, e, c, -1))

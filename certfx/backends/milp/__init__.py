@@ -23,8 +23,8 @@ Example:
 """
 
 from certfx.backends.milp.bounds import Tightening, domain_bounds
-from certfx.backends.milp.encode import (EncodeOptions, Encoding, check_encodable, encode,
-                                         term_problem)
+from certfx.backends.milp.encode import EncodeOptions, Encoding, encode, term_problem
+from certfx.backends.milp.nonlinear import check_encodable
 from certfx.backends.milp.ortools import Optimum, Session, Solver, SolveStatus, maximize, minimize
 from certfx.backends.milp.problem import Expr, Problem, ProblemBuilder
 from certfx.backends.milp.verify import (MilpOptions, MilpResult, MilpStats, MilpStatus,

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor
 
-from certfx.errors import CertfxError
+from certfx.errors import CertfxError, ShapeError
 from certfx.specs import Box
 
-__all__ = ["Tightening", "domain_bounds", "intersect_bounds"]
+__all__ = ["Tightening", "domain_bounds", "intersect_bounds", "widened"]
 
 
 class Tightening(enum.Enum):
@@ -63,6 +65,23 @@ def intersect_bounds(a: Mapping[str, tuple[Tensor, Tensor]],
                 hi0.reshape(hi.shape).to(hi), hi)
         out[k] = (lo, hi)
     return out
+
+
+def widened(known: tuple[Tensor | np.ndarray, Tensor | np.ndarray], size: int,
+            name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Known bounds as flat float64 arrays, widened by ``sqrt(eps)·(1 + |b|)`` for the ``eps``
+    of the dtype they were computed in (``1.5e-8`` for float64, ``3.5e-4`` for float32): a
+    margin against the rounding of whoever computed them, far below any useful tightness."""
+    out = []
+    for value, sign in zip(known, (-1.0, 1.0)):
+        t = torch.as_tensor(value)
+        margin = math.sqrt(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
+        arr = t.detach().cpu().to(torch.float64).reshape(-1).numpy()
+        if arr.size != size:
+            raise ShapeError(f"known bounds of {name} have {arr.size} entries, the node has "
+                             f"{size}")
+        out.append(arr + sign * margin * (1.0 + np.abs(arr)))
+    return out[0], out[1]
 
 
 def domain_bounds(gm: fx.GraphModule, lower: Tensor, upper: Tensor,

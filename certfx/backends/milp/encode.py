@@ -49,18 +49,13 @@ import torch.fx as fx
 from torch import Tensor
 
 from certfx import ops
-from certfx.backends.milp.nonlinear import (encode_hardtanh, encode_max, encode_relaxed,
-                                            encode_relu_like, materialize, pool_windows)
+from certfx.backends.milp import nonlinear as nl
+from certfx.backends.milp.bounds import widened
 from certfx.backends.milp.problem import Expr, Problem, ProblemBuilder
 from certfx.errors import ShapeError, UnsupportedOp, UnsupportedOpsError
 from certfx.specs import Conjunction
 
-__all__ = ["EncodeOptions", "Encoding", "Tightener", "encode", "term_problem", "check_encodable",
-           "KINKED"]
-
-# Piecewise-linear activations counted as "layers" for partial MILP and tightening.
-KINKED = (ops.relu, ops.leaky_relu, ops.hardtanh)
-_EXACT_OPS = (*KINKED, ops.max_pool)
+__all__ = ["EncodeOptions", "Encoding", "Tightener", "encode", "term_problem"]
 
 # tighten(problem so far, rows to bound, their lower, their upper) -> (new lower, new upper)
 Tightener = Callable[[Problem, Expr, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -122,48 +117,6 @@ class Encoding:
     tightened: dict[str, int]
 
 
-def _where(node: fx.Node) -> str:
-    trace = node.stack_trace or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def check_encodable(gm: fx.GraphModule, allow_relaxation: bool = False) -> None:
-    """Raise :class:`~certfx.errors.UnsupportedOpsError` listing every node the MILP encoding
-    cannot take."""
-    from certfx.domains.relaxations import RELAXATIONS
-
-    bad = []
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "get_attr", "output"):
-            continue
-        name = getattr(n.target, "__name__", str(n.target))
-        if n.op != "call_function" or not ops.is_core_op(n.target):
-            bad.append(UnsupportedOp(n.name, f"{n.op} {name}", _where(n),
-                                     "the MILP backend takes canonical graphs (certfx.load)"))
-            continue
-        tr = ops.traits(n.target)
-        relaxable = tr.elementwise and tr.monotone and n.target in RELAXATIONS
-        if tr.affine or n.target in _EXACT_OPS or (allow_relaxation and relaxable):
-            continue
-        hint = ("no exact MILP encoding; pass allow_relaxation=True for a sound relaxation "
-                "(then only verified/unknown answers)" if relaxable else
-                "no MILP encoding (supported: affine ops, relu, leaky_relu, hardtanh, max_pool)")
-        bad.append(UnsupportedOp(n.name, name, _where(n), hint))
-    if bad:
-        raise UnsupportedOpsError("MILP encoding", bad)
-
-
-def _known(value: Tensor | np.ndarray, size: int, name: str) -> tuple[np.ndarray, float]:
-    """Flattened float64 bounds and the rounding margin of their dtype."""
-    t = torch.as_tensor(value)
-    margin = math.sqrt(torch.finfo(t.dtype).eps) if t.is_floating_point() else 0.0
-    arr = t.detach().cpu().to(torch.float64).reshape(-1).numpy()
-    if arr.size != size:
-        raise ShapeError(f"known bounds of {name} have {arr.size} entries, the node has {size}")
-    return arr, margin
-
-
 class _Encoder:
     """One walk over the graph; see :func:`encode`."""
 
@@ -182,7 +135,7 @@ class _Encoder:
 
     def _first_exact_position(self) -> float:
         kinked = [i for i, n in enumerate(self.gm.graph.nodes)
-                  if n.op == "call_function" and n.target in KINKED]
+                  if n.op == "call_function" and n.target in nl.KINKED]
         k = self.options.exact_layers
         if k is None or k >= len(kinked):
             return 0.0
@@ -196,12 +149,11 @@ class _Encoder:
         lo, hi = expr.interval(*self.builder.bounds())
         known = self.options.known_bounds.get(node.name)
         if known is not None:
-            (klo, m_lo), (khi, m_hi) = (_known(k, expr.size, node.name) for k in known)
-            klo = klo - m_lo * (1.0 + np.abs(klo))
-            khi = khi + m_hi * (1.0 + np.abs(khi))
-            lo, hi = np.maximum(lo, klo), np.minimum(hi, khi)
-            crossed = lo > hi  # only possible by rounding of a degenerate (point) range
-            lo[crossed], hi[crossed] = np.minimum(lo, hi)[crossed], np.maximum(lo, hi)[crossed]
+            klo, khi = widened(known, expr.size, node.name)
+            # Disjoint ranges cannot both be sound: keep the encoder's own where they cross.
+            crossed = (klo > hi) | (khi < lo) | (klo > khi)
+            lo = np.where(crossed, lo, np.maximum(lo, klo))
+            hi = np.where(crossed, hi, np.minimum(hi, khi))
         self.env[node], self.shapes[node], self.bounds[node.name] = expr, shape, (lo, hi)
 
     def _value(self, node: fx.Node, subst: Mapping[fx.Node, Tensor], batch: int = 1) -> Any:
@@ -239,7 +191,7 @@ class _Encoder:
             mapped = self.env[p].map(r, c, v, m)
             if mapped.nnz > self.env[p].nnz + self.env[p].size + v.size:
                 # Composing made the rows denser than giving the input variables of its own.
-                self.env[p] = materialize(self.builder, self.env[p], *self.bounds[p.name])
+                self.env[p] = nl.materialize(self.builder, self.env[p], *self.bounds[p.name])
                 mapped = self.env[p].map(r, c, v, m)
             result = result + mapped
         self._set(node, result, shape)
@@ -249,7 +201,8 @@ class _Encoder:
         """The COO entries ``(out, in, value)`` of ``∂ node / ∂ p``, from basis vectors."""
         tr = ops.traits(node.target)
         in_list = any(isinstance(a, (list, tuple)) and p in a for a in node.args)
-        lin = tr.linear_part if tr.linear_part is not None and not in_list else None
+        use_lin = tr.linear_part is not None and not in_list and not node.kwargs
+        lin = tr.linear_part if use_lin else None
         n, m = int(math.prod(self.shapes[p])), int(base[0].numel())
         chunk = max(1, min(n, _CHUNK // max(m, n, 1)))
         rows, cols, vals = [], [], []
@@ -279,7 +232,7 @@ class _Encoder:
                 args.append(basis if a is p else 0.0)
             elif isinstance(a, fx.Node) and isinstance(self.env.get(a), Expr):
                 raise UnsupportedOpsError("MILP encoding", [UnsupportedOp(
-                    node.name, node.target.__name__, _where(node),
+                    node.name, node.target.__name__, nl.where(node),
                     f"argument {pos} is perturbed but the op is affine only in "
                     f"{perturbed_args}")])
             else:
@@ -293,14 +246,14 @@ class _Encoder:
         if not isinstance(x, fx.Node) or any(isinstance(self.env.get(a), Expr)
                                              for a in node.all_input_nodes if a is not x):
             raise UnsupportedOpsError("MILP encoding", [UnsupportedOp(
-                node.name, node.target.__name__, _where(node), "only the first argument may "
+                node.name, node.target.__name__, nl.where(node), "only the first argument may "
                 "depend on the input")])
         expr, shape = self.env[x], self.shapes[x]
         lo, hi = self.bounds[x.name]
         exact = position >= self.first_exact
         self.exact &= exact
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args[1:]]
-        if node.target in KINKED:
+        if node.target in nl.KINKED:
             kinks = ([0.0] if node.target is not ops.hardtanh else
                      [float(v) for v in args if math.isfinite(float(v))])
             straddle = np.zeros(lo.shape, dtype=bool)
@@ -322,22 +275,23 @@ class _Encoder:
             self.unstable[x.name] = int(straddle.sum())
         if node.target is ops.relu or node.target is ops.leaky_relu:
             alpha = 0.0 if node.target is ops.relu else float(args[0])
-            out, k = encode_relu_like(self.builder, expr, lo, hi, alpha, exact)
+            out, k = nl.encode_relu_like(self.builder, expr, lo, hi, alpha, exact)
         elif node.target is ops.hardtanh:
-            out, k = encode_hardtanh(self.builder, expr, lo, hi, float(args[0]), float(args[1]),
-                                     exact)
+            out, k = nl.encode_hardtanh(self.builder, expr, lo, hi, float(args[0]),
+                                        float(args[1]), exact)
         elif node.target is ops.max_pool:
             out_shape = tuple(self._value(node, {x: torch.zeros((1, *shape),
                                                                 dtype=torch.float64)}).shape[1:])
             kernel, stride, padding, dilation = (tuple(a) if a else () for a in args[:4])
-            windows = pool_windows(shape, out_shape, kernel, stride or kernel,
-                                   padding or (0,) * len(kernel), dilation or (1,) * len(kernel))
-            out, k = encode_max(self.builder, expr, lo, hi, windows, exact)
+            windows = nl.pool_windows(shape, out_shape, kernel, stride or kernel,
+                                      padding or (0,) * len(kernel),
+                                      dilation or (1,) * len(kernel))
+            out, k = nl.encode_max(self.builder, expr, lo, hi, windows, exact)
             self._set(node, out, out_shape)
             self.binaries += k
             return
         else:  # a smooth activation, relaxed (check_encodable allowed it)
-            out, k = encode_relaxed(self.builder, expr, lo, hi, node.target, tuple(args)), 0
+            out, k = nl.encode_relaxed(self.builder, expr, lo, hi, node.target, tuple(args)), 0
             self.exact = False
         self.binaries += k
         self._set(node, out, shape)
@@ -369,7 +323,7 @@ class _Encoder:
                 if not perturbed:  # constant folding
                     with torch.no_grad():
                         self.env[node] = self._value(node, {})
-                elif node.target in _EXACT_OPS or not ops.traits(node.target).affine:
+                elif node.target in nl.EXACT_OPS or not ops.traits(node.target).affine:
                     self._nonlinear(node, position)
                 else:
                     self._affine(node, perturbed)
@@ -400,7 +354,7 @@ def encode(gm: fx.GraphModule, lower: Tensor, upper: Tensor,
             :func:`certfx.backends.milp.ortools.tightener`).
     """
     options = options or EncodeOptions()
-    check_encodable(gm, options.allow_relaxation)
+    nl.check_encodable(gm, options.allow_relaxation)
     lower, upper = torch.as_tensor(lower), torch.as_tensor(upper)
     if lower.shape != upper.shape:
         raise ShapeError(f"box lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ")

@@ -14,8 +14,9 @@ Example:
     >>> import numpy as np
     >>> from certfx.backends.milp.problem import Expr, ProblemBuilder
     >>> b = ProblemBuilder()
-    >>> x = Expr.variables(b.add_variables(np.array([-1.0, 1.0, -3.0]), np.array([2.0, 2.0, -1.0])))
-    >>> y, binaries = encode_relu_like(b, x, np.array([-1.0, 1.0, -3.0]), np.array([2.0, 2.0, -1.0]))
+    >>> lo, hi = np.array([-1.0, 1.0, -3.0]), np.array([2.0, 2.0, -1.0])
+    >>> x = Expr.variables(b.add_variables(lo, hi))
+    >>> y, binaries = encode_relu_like(b, x, lo, hi)
     >>> binaries, b.build().num_constraints   # one unstable neuron: 1 binary, 3 rows
     (1, 3)
     >>> y.interval(*b.bounds())   # stable ones are x itself and the constant 0
@@ -29,11 +30,52 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 
+from certfx import ops
 from certfx.backends.milp.problem import Expr, ProblemBuilder
+from certfx.errors import UnsupportedOp, UnsupportedOpsError
 
-__all__ = ["materialize", "encode_relu_like", "encode_hardtanh", "encode_max",
-           "encode_relaxed", "pool_windows"]
+__all__ = ["KINKED", "EXACT_OPS", "check_encodable", "where", "materialize", "encode_relu_like",
+           "encode_hardtanh", "encode_max", "encode_relaxed", "pool_windows"]
+
+
+# Piecewise-linear activations counted as "layers" for partial MILP and tightening.
+KINKED = (ops.relu, ops.leaky_relu, ops.hardtanh)
+EXACT_OPS = (*KINKED, ops.max_pool)
+
+
+def where(node: fx.Node) -> str:
+    """The last source line of a node's stack trace (empty if none)."""
+    trace = node.stack_trace or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def check_encodable(gm: fx.GraphModule, allow_relaxation: bool = False) -> None:
+    """Raise :class:`~certfx.errors.UnsupportedOpsError` listing every node the MILP encoding
+    cannot take."""
+    from certfx.domains.relaxations import RELAXATIONS
+
+    bad = []
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue
+        name = getattr(n.target, "__name__", str(n.target))
+        if n.op != "call_function" or not ops.is_core_op(n.target):
+            bad.append(UnsupportedOp(n.name, f"{n.op} {name}", where(n),
+                                     "the MILP backend takes canonical graphs (certfx.load)"))
+            continue
+        tr = ops.traits(n.target)
+        relaxable = tr.elementwise and tr.monotone and n.target in RELAXATIONS
+        if tr.affine or n.target in EXACT_OPS or (allow_relaxation and relaxable):
+            continue
+        hint = ("no exact MILP encoding; pass allow_relaxation=True for a sound relaxation "
+                "(then only verified/unknown answers)" if relaxable else
+                "no MILP encoding (supported: affine ops, relu, leaky_relu, hardtanh, max_pool)")
+        bad.append(UnsupportedOp(n.name, name, where(n), hint))
+    if bad:
+        raise UnsupportedOpsError("MILP encoding", bad)
 
 
 def materialize(builder: ProblemBuilder, x: Expr, lower: np.ndarray,
@@ -84,7 +126,7 @@ def encode_relu_like(builder: ProblemBuilder, x: Expr, lower: np.ndarray, upper:
         parts.append((inactive, x.select(inactive).scale(alpha)))
     if unstable.size == 0:
         return _reorder(parts, n), 0
-    l, u = lower[unstable], upper[unstable]
+    l, u = lower[unstable], upper[unstable]  # noqa: E741 (the papers' l, u)
     xv = materialize(builder, x.select(unstable), l, u)
     ylo, yhi = np.minimum(alpha * l, 0.0), np.maximum(alpha * l, u)
     y = Expr.variables(builder.add_variables(ylo, yhi))
@@ -136,19 +178,10 @@ def pool_windows(in_shape: tuple[int, ...], out_shape: tuple[int, ...],
         >>> pool_windows((1, 2, 3), (1, 1, 2), (2, 2), (2, 2), (0, 0), (1, 1)).tolist()
         [[0, 1, 3, 4], [2, -1, 5, -1]]
     """
-    dims = len(kernel_size)
     index = torch.arange(int(np.prod(in_shape)), dtype=torch.float64).reshape(1, *in_shape)
-    pads: list[int] = []
-    for d in reversed(range(dims)):  # F.pad order: last dim first; extra right pad for ceil_mode
-        span = (out_shape[1 + d] - 1) * stride[d] + (kernel_size[d] - 1) * dilation[d] + 1
-        extra = max(0, span - (in_shape[1 + d] + 2 * padding[d]))
-        pads += [padding[d], padding[d] + extra]
-    index = torch.nn.functional.pad(index, pads, value=-1.0)
-    for d in range(dims):
-        span = (kernel_size[d] - 1) * dilation[d] + 1
-        index = index.unfold(2 + d, span, stride[d])[..., ::dilation[d]]
-        index = index.narrow(2 + d, 0, out_shape[1 + d])
-    return index.reshape(int(np.prod(out_shape)), -1).numpy().astype(np.int64)
+    windows = ops.pool_windows(index, kernel_size, stride, padding, dilation, out_shape[1:],
+                               fill=-1.0)
+    return windows.reshape(int(np.prod(out_shape)), -1).numpy().astype(np.int64)
 
 
 def encode_max(builder: ProblemBuilder, x: Expr, lower: np.ndarray, upper: np.ndarray,

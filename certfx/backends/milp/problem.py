@@ -34,6 +34,8 @@ __all__ = ["Expr", "Problem", "ProblemBuilder"]
 
 _F = np.float64
 _I = np.int64
+_EXPAND_LIMIT = 1 << 25  # products expanded at once by Expr.map (256 MiB of float64)
+_DENSE_LIMIT = 1 << 26   # rows × variables of Expr.map's dense accumulator
 
 
 def _coalesce(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray,
@@ -145,22 +147,40 @@ class Expr:
     def map(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, size: int) -> Expr:
         """``J @ self`` for the sparse matrix ``J`` of shape ``(size, self.size)`` in COO form.
 
-        The product of the coefficient matrices runs through ``torch.sparse.mm``.
+        Every entry ``J[i, k]`` is expanded over the entries of row ``k`` of ``self``; the
+        products are summed per ``(i, column)`` by ``np.bincount`` on a dense index when
+        ``size × variables`` is moderate (the usual case), else through ``torch.sparse.mm``.
         """
-        n = self.size
+        rows, cols = np.asarray(rows, _I), np.asarray(cols, _I)
+        vals = np.asarray(vals, _F)
+        const = np.bincount(rows, weights=vals * self.const[cols], minlength=size)
+        ptr = self.pointers()
+        counts = ptr[cols + 1] - ptr[cols]
+        total = int(counts.sum())
         num_vars = int(self.cols.max()) + 1 if self.nnz else 1
-        index = torch.from_numpy(np.stack([np.asarray(rows, _I), np.asarray(cols, _I)]))
+        if total > _EXPAND_LIMIT or size * num_vars > _DENSE_LIMIT:
+            return self._map_torch(rows, cols, vals, size, const)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        gather = np.repeat(ptr[cols], counts) + (np.arange(total) - first)
+        key = np.repeat(rows, counts) * num_vars + self.cols[gather]
+        dense = np.bincount(key, weights=np.repeat(vals, counts) * self.vals[gather],
+                            minlength=size * num_vars)
+        nz = np.flatnonzero(dense)
+        return Expr(nz // num_vars, nz % num_vars, dense[nz], const)
+
+    def _map_torch(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, size: int,
+                   const: np.ndarray) -> Expr:
+        num_vars = int(self.cols.max()) + 1 if self.nnz else 1
         with warnings.catch_warnings():  # torch's notes that sparse support is in beta
             warnings.simplefilter("ignore", UserWarning)
-            jac = torch.sparse_coo_tensor(index, torch.from_numpy(np.asarray(vals, _F)),
-                                          (size, n), check_invariants=False)
+            jac = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])),
+                                          torch.from_numpy(vals), (size, self.size),
+                                          check_invariants=False)
             mat = torch.sparse_coo_tensor(torch.from_numpy(np.stack([self.rows, self.cols])),
-                                          torch.from_numpy(self.vals), (n, num_vars),
+                                          torch.from_numpy(self.vals), (self.size, num_vars),
                                           check_invariants=False)
             prod = torch.sparse.mm(jac, mat).coalesce()
         r, c = prod.indices().numpy()
-        const = np.bincount(np.asarray(rows, _I), weights=np.asarray(vals, _F) *
-                            self.const[np.asarray(cols, _I)], minlength=size)
         return Expr.build(r, c, prod.values().numpy(), const)
 
     def interval(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,11 @@ tightening), then for each term of the unsafe region minimizes ``t = max_r (C_r 
   re-run concretely in float64; only if :meth:`Property.is_counterexample` holds is the answer
   ``falsified`` (with that input). A candidate failing the re-check (a solution at the
   boundary, or one using a relaxed partial-MILP layer) makes the term ``unknown``. SCIP stops
-  at the first solution with ``t ≤ −tolerance``.
+  at the first solution with ``t ≤ −tolerance``; if that one fails the re-check, the term is
+  solved once more to optimality and its most violating solution re-checked.
+
+The answer is ``falsified`` as soon as one term has a re-checked counterexample, ``verified``
+when every term is proven empty, else ``timeout`` (the budget ran out) or ``unknown``.
 
 Example:
     >>> import torch, certfx
@@ -49,7 +53,8 @@ from torch import Tensor
 
 from certfx.backends.milp.bounds import Tightening, domain_bounds, intersect_bounds
 from certfx.backends.milp.encode import EncodeOptions, Encoding, encode, term_problem
-from certfx.backends.milp.ortools import Session, Solver, SolveStatus, tightener
+from certfx.backends.milp.ortools import (SCIP_PARAMETERS, Optimum, Session, Solver, SolveStatus,
+                                          tightener)
 from certfx.specs import Property
 
 __all__ = ["MilpStatus", "MilpOptions", "TermResult", "MilpStats", "MilpResult",
@@ -83,6 +88,8 @@ class MilpOptions:
         allow_relaxation: relax smooth activations instead of raising.
         optimize_margin: minimize ``t`` to optimality (its value and bound are then reported)
             instead of stopping at the first decisive solution or proof.
+        scip_parameters: extra SCIP settings (default: no cutting-plane rounds, see
+            :data:`~certfx.backends.milp.ortools.SCIP_PARAMETERS`).
     """
 
     solver: Solver = Solver.SCIP
@@ -97,6 +104,7 @@ class MilpOptions:
     known_bounds_sound: bool = True
     allow_relaxation: bool = False
     optimize_margin: bool = False
+    scip_parameters: str = SCIP_PARAMETERS
 
 
 @dataclass(frozen=True)
@@ -153,7 +161,7 @@ def encode_property(gm: fx.GraphModule, lower: Tensor, upper: Tensor,
         tighten = tightener(options.tightening is Tightening.MILP,
                             options.tighten_time_per_neuron, options.solver
                             if options.solver is not Solver.CP_SAT else Solver.SCIP,
-                            deadline, options.bound_margin)
+                            deadline, options.bound_margin, options.scip_parameters)
     enc_options = EncodeOptions(options.exact_layers, known, options.known_bounds_sound,
                                 options.allow_relaxation)
     return encode(gm, lower, upper, enc_options, tighten), notes
@@ -183,18 +191,18 @@ def verify_property(gm: fx.GraphModule, prop: Property,
         if built is None:  # interval bounds alone prove t > tolerance
             terms.append(TermResult(i, "empty", None, options.tolerance, 0.0, 0))
             continue
-        r = Session(built[0], options.solver).optimize(
-            time_limit=left, primal_stop=None if options.optimize_margin else -options.tolerance)
+        session = Session(built[0], options.solver, scip_parameters=options.scip_parameters)
+        r = session.optimize(time_limit=left, primal_stop=None if options.optimize_margin
+                             else -options.tolerance)
+        if _candidate(r) and (cex := _recheck(r.solution, enc, net64, prop, lo, hi)) is None \
+                and r.status is SolveStatus.FEASIBLE and deadline > time.perf_counter():
+            # The first solution below -tolerance failed the re-check: try the most violating.
+            r = session.optimize(time_limit=deadline - time.perf_counter())
         outcome, bound = "unknown", r.bound if trusted else None
-        if r.solution is not None and r.value is not None and r.value <= 0:
-            x = torch.from_numpy(r.solution[enc.input_vars]).reshape(lo.shape)
-            x = torch.minimum(torch.maximum(x, lo), hi)
-            with torch.no_grad():
-                y = net64(x).reshape(1, -1)
-            if bool(prop.is_counterexample(x, y)[0]):
-                found, outcome = (x, y), "counterexample"
-            else:
-                outcome = "candidate_failed"
+        if _candidate(r):
+            found = _recheck(r.solution, enc, net64, prop, lo, hi)
+            outcome = "counterexample" if found is not None else "candidate_failed"
+            if found is None:
                 notes.append(f"term {i}: solver solution with t = {r.value:.3g} failed the "
                              f"concrete re-check" + ("" if enc.exact else
                                                      " (relaxed layers: expected)"))
@@ -205,8 +213,7 @@ def verify_property(gm: fx.GraphModule, prop: Property,
         elif r.status is SolveStatus.INFEASIBLE:
             notes.append(f"term {i}: {r.solver} reported infeasible; not taken as a proof" +
                          ("" if trusted else " (CP-SAT solves a discretized problem)"))
-        elif r.status in (SolveStatus.FEASIBLE, SolveStatus.NO_SOLUTION) and \
-                time.perf_counter() >= deadline - 0.05:
+        elif time.perf_counter() >= deadline - 0.05:
             outcome = "timeout"
         elif r.status is SolveStatus.ERROR:
             notes.append(f"term {i}: {r.solver} failed")
@@ -231,6 +238,22 @@ def verify_property(gm: fx.GraphModule, prop: Property,
     return MilpResult(status, cex, out, time.perf_counter() - start, stats)
 
 
+def _candidate(r: Optimum) -> bool:
+    """A solution with ``t ≤ 0``: the solver's claim of a counterexample."""
+    return r.solution is not None and r.value is not None and r.value <= 0
+
+
+def _recheck(solution: np.ndarray, enc: Encoding, net64: fx.GraphModule, prop: Property,
+             lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The solution's input, clipped into the box, with its float64 output, if it really is a
+    counterexample."""
+    x = torch.from_numpy(solution[enc.input_vars]).reshape(lo.shape)
+    x = torch.minimum(torch.maximum(x, lo), hi)
+    with torch.no_grad():
+        y = net64(x).reshape(1, -1)
+    return (x, y) if bool(prop.is_counterexample(x, y)[0]) else None
+
+
 @dataclass(frozen=True)
 class OutputBounds:
     """Per flattened output: ``lower``/``upper`` proven by the solver, and ``lower_attained``/
@@ -250,7 +273,7 @@ def output_bounds(gm: fx.GraphModule, lower: Tensor, upper: Tensor,
     solve; the encoding's own bounds and tightening follow ``options``)."""
     options = options or MilpOptions(domains=())
     enc, _ = encode_property(gm, lower, upper, options)
-    session = Session(enc.problem, options.solver)
+    session = Session(enc.problem, options.solver, scip_parameters=options.scip_parameters)
     n = enc.output.size
     found = np.full((4, n), np.nan)
     for j in range(n):

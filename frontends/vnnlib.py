@@ -131,7 +131,9 @@ class _Reader:
         self.choices: list[tuple[list[_Case], int]] = []  # assertions with several cases
 
     def error(self, pos: int, message: str, hint: str) -> SpecError:
-        """A :class:`SpecError` at ``file:line:column`` of offset ``pos``, with the line."""
+        """Build (not raise) a :class:`SpecError` at ``file:line:column`` of offset ``pos``, with
+        the line; callers ``raise self.error(...)``, or keep it to raise later (an empty box
+        that is an error only if every case of a disjunction is empty)."""
         text = self.text
         start = text.rfind("\n", 0, pos) + 1
         end = text.find("\n", pos)
@@ -438,7 +440,8 @@ class _Reader:
         return out
 
     def empty(self, slot: int, bounds: list, prefix: str) -> SpecError:
-        """The error for an input whose lower bound exceeds its upper bound."""
+        """Build (not raise) the error for an input whose lower bound exceeds its upper bound:
+        kept by :meth:`properties` until it knows whether any case survives."""
         return self.error(max(bounds[2], bounds[3]), f"{prefix}{self.x_names[slot]} has lower "
                           f"bound {bounds[0]!r} > upper bound {bounds[1]!r}",
                           "fix the bounds; the input box is empty")

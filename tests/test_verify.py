@@ -231,3 +231,18 @@ def test_vnncomp_test_benchmark_answers() -> None:
         assert verdict is expected, row
 
 
+
+
+def test_tolerance_decides_what_counts_as_proven() -> None:
+    """A bound must exceed the tolerance: with one larger than any margin nothing is proven."""
+    net = nn.Sequential(nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2, dtype=torch.float64))
+        net[0].bias.zero_()
+    x = torch.tensor([0.8, 0.2], dtype=torch.float64)
+    prop = Property(x - 0.05, x + 0.05, UnsafeRegion.misclassified(0, 2))  # margin >= 0.5
+    for tolerance, expected in ((1e-9, Verdict.VERIFIED), (10.0, Verdict.UNKNOWN)):
+        options = CascadeOptions(methods=("box", "crown"), dtype=torch.float64,
+                                 tolerance=tolerance)
+        result = Verifier(net, x[None], options).verify(prop)
+        assert result.verdict is expected and result.tolerance == tolerance

@@ -6,6 +6,7 @@ core ops are registered with :func:`mapping` (see :mod:`certfx.passes.normalize`
 """
 
 from certfx.passes.check_support import check_support
+from certfx.passes.expose import expose
 from certfx.passes.fold_batchnorm import fold_batchnorm
 from certfx.passes.fuse_spec import fuse_spec
 from certfx.passes.infra import GraphPass, PassManager, graph_pass
@@ -20,6 +21,7 @@ __all__ = [
     "PassManager",
     "graph_pass",
     "check_support",
+    "expose",
     "fold_batchnorm",
     "fuse_spec",
     "lower",

@@ -38,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 import certfx
+from certfx.cli_train import add_train
 from certfx.cli_verify import add_verify
 from certfx.errors import CertfxError
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile(sub, common)
     _add_bounds(sub, common)
     add_verify(sub, common, _Formatter)
+    add_train(sub, common, _Formatter)
     return parser
 
 

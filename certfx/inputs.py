@@ -34,7 +34,7 @@ from certfx.errors import CertfxError, InvalidValueError, ShapeError
 from certfx.specs import check_finite
 
 __all__ = ["read_tensor", "read_inputs", "read_labels", "check_range", "write_json_atomic",
-           "write_text_atomic"]
+           "write_text_atomic", "write_bytes_atomic"]
 
 SUFFIXES = (".npy", ".pt", ".pth")
 
@@ -128,13 +128,22 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, so that
     ``path`` is either untouched or complete."""
+    _write_atomic(path, text, "w")
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`write_text_atomic`)."""
+    _write_atomic(path, data, "wb")
+
+
+def _write_atomic(path: str | os.PathLike[str], data: str | bytes, mode: str) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise CertfxError(f"cannot write '{path}': folder '{path.parent}' does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.fx as fx
+from certfx.passes.infra import GraphPass, clone_graph_module
+from torch import fx
 
 from certfx.errors import CertfxError
-from certfx.passes.infra import GraphPass, clone_graph_module
 
 __all__ = ["expose"]
 

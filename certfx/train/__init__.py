@@ -15,5 +15,15 @@ from certfx.train.evaluate import EvalResult, evaluate
 from certfx.train.loop import TrainConfig, Trainer, paper_schedule
 from certfx.train.method import METHODS, LossOutput, Method, StepContext, get_method
 
-__all__ = ["METHODS", "Method", "LossOutput", "StepContext", "get_method", "TrainConfig",
-           "Trainer", "paper_schedule", "evaluate", "EvalResult"]
+__all__ = [
+           "METHODS",
+           "EvalResult",
+           "LossOutput",
+           "Method",
+           "StepContext",
+           "TrainConfig",
+           "Trainer",
+           "evaluate",
+           "get_method",
+           "paper_schedule",
+]

@@ -16,7 +16,7 @@ from certfx.errors import InvalidValueError
 from certfx.train.method import LossOutput, Method, StepContext, option, register_method
 from certfx.train.pgd import pgd_box
 
-__all__ = ["Standard", "StandardOptions", "PGD", "PGDOptions"]
+__all__ = ["PGD", "PGDOptions", "Standard", "StandardOptions"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Standard(Method):
 
     def loss(self, x: Tensor, y: Tensor, ctx: StepContext) -> LossOutput:
         loss = F.cross_entropy(self.model(x), y)
-        return LossOutput(loss, {"natural_loss": float(loss)})
+        return LossOutput(loss, {"natural_loss": loss.item()})
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,9 @@ class PGD(Method):
         else:
             xa = x
         adversarial = F.cross_entropy(self.model(xa), y)
-        loss, metrics = adversarial, {"adversarial_loss": float(adversarial)}
+        loss, metrics = adversarial, {"adversarial_loss": adversarial.item()}
         if opts.natural_weight > 0:
             natural = F.cross_entropy(self.model(x), y)
             loss = opts.natural_weight * natural + (1 - opts.natural_weight) * adversarial
-            metrics["natural_loss"] = float(natural)
+            metrics["natural_loss"] = natural.item()
         return LossOutput(loss, metrics)

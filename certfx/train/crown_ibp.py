@@ -16,12 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from certfx.errors import InvalidValueError
-from certfx.train.ibp import IBPOptions, IntervalTraining, fast_reg_weight, fast_regularizer
+from certfx.train.ibp import (
+    IBPOptions,
+    IntervalTraining,
+    fast_reg_weight,
+    fast_regularizer,
+)
 from certfx.train.losses import certified, robust_ce
 from certfx.train.method import LossOutput, StepContext, option, register_method
 from certfx.train.schedule import linear_ramp
 
-__all__ = ["CrownIBPOptions", "CrownIBP"]
+__all__ = ["CrownIBP", "CrownIBPOptions"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class CrownIBPOptions(IBPOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.natural_weight:
+            raise InvalidValueError("CROWN-IBP mixes the natural loss by its κ schedule; set "
+                                    "kappa_start/kappa_end instead of natural_weight")
         for name in ("beta_start", "beta_end", "kappa_start", "kappa_end"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InvalidValueError(f"{name} must lie in [0, 1]")
@@ -66,7 +74,7 @@ class CrownIBP(IntervalTraining):
         robust = robust_ce(margins)
         natural = F.cross_entropy(self.model(x), y)
         loss = kappa * natural + (1 - kappa) * robust
-        metrics = {"robust_loss": float(robust), "natural_loss": float(natural),
+        metrics = {"robust_loss": robust.item(), "natural_loss": natural.item(),
                    "beta": beta, "kappa": kappa,
                    "cert": float(certified(margins).float().mean())}
         weight = fast_reg_weight(opts.fast_reg, ctx, opts.fast_reg_weighting)
@@ -74,5 +82,5 @@ class CrownIBP(IntervalTraining):
             reg = fast_regularizer(bounds.activations, bounds.first_layer_input,
                                    opts.fast_reg_tol)
             loss = loss + weight * reg
-            metrics["fast_reg"] = float(reg)
+            metrics["fast_reg"] = reg.item()
         return LossOutput(loss, metrics)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from certfx.errors import InvalidValueError
 from certfx.specs import LinfBall
 
-__all__ = ["EvalResult", "evaluate", "CERT_CHOICES"]
+__all__ = ["CERT_CHOICES", "EvalResult", "evaluate"]
 
 CERT_CHOICES = ("box", "deepz", "deeppoly", "crown", "crown-ibp", "alpha-crown", "cascade",
                 "none")

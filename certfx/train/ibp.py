@@ -41,10 +41,17 @@ from torch import Tensor, nn
 from certfx.domains import Interval
 from certfx.errors import InvalidValueError
 from certfx.train.losses import certified, robust_ce
-from certfx.train.method import (ActivationBounds, BoundsAndActivations, LossOutput, Method,
-                                 StepContext, option, register_method)
+from certfx.train.method import (
+    ActivationBounds,
+    BoundsAndActivations,
+    LossOutput,
+    Method,
+    StepContext,
+    option,
+    register_method,
+)
 
-__all__ = ["IBPOptions", "IBP", "ibp_init_", "fast_regularizer", "fast_reg_weight"]
+__all__ = ["IBP", "IBPOptions", "fast_reg_weight", "fast_regularizer", "ibp_init_"]
 
 
 def ibp_init_(model: nn.Module) -> int:
@@ -134,18 +141,18 @@ class IntervalTraining(Method):
         opts = self.options
         bounds: BoundsAndActivations = self.box(x, y, eps)
         loss = robust_ce(bounds.margins)
-        metrics = {"robust_loss": float(loss), "box_cert": float(certified(
+        metrics = {"robust_loss": loss.item(), "box_cert": float(certified(
             bounds.margins).float().mean())}
         weight = fast_reg_weight(opts.fast_reg, ctx, opts.fast_reg_weighting)
         if weight > 0:
             reg = fast_regularizer(bounds.activations, bounds.first_layer_input,
                                    opts.fast_reg_tol)
             loss = loss + weight * reg
-            metrics["fast_reg"] = float(reg)
+            metrics["fast_reg"] = reg.item()
         if opts.natural_weight > 0:
             natural = F.cross_entropy(self.model(x if clean is None else clean), y)
             loss = opts.natural_weight * natural + (1 - opts.natural_weight) * loss
-            metrics["natural_loss"] = float(natural)
+            metrics["natural_loss"] = natural.item()
         return LossOutput(loss, metrics)
 
 

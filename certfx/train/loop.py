@@ -43,7 +43,7 @@ from certfx.train.batch_stats import batch_statistics
 from certfx.train.method import Method, StepContext, get_method
 from certfx.train.schedule import SHAPES, EpsSchedule, lr_factor
 
-__all__ = ["TrainConfig", "Trainer", "paper_schedule", "CHECKPOINT"]
+__all__ = ["CHECKPOINT", "TrainConfig", "Trainer", "paper_schedule"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -64,7 +64,7 @@ def paper_schedule(dataset: str, epochs: int) -> tuple[float, float, tuple[int, 
     total, warmup, ramp, decays = _PAPER.get(dataset, _PAPER["mnist"])
     scale = epochs / total
     return (round(warmup * scale, 4), round(ramp * scale, 4),
-            tuple(int(round(d * scale)) for d in decays))
+            tuple(round(d * scale) for d in decays))
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ class Trainer:
                 if cfg.l1 > 0:
                     loss = loss + cfg.l1 * self._l1()
                 if not torch.isfinite(loss):
-                    raise CertfxError(f"the {cfg.method} loss became {float(loss)} in epoch "
+                    raise CertfxError(f"the {cfg.method} loss became {loss.item()} in epoch "
                                       f"{epoch + 1}, step {i + 1}; lower --lr or --eps, or "
                                       f"raise --eps-ramp")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -258,7 +258,7 @@ class Trainer:
                 with torch.no_grad():
                     correct += int((self.model(x).argmax(1) == y).sum())
                 seen += y.shape[0]
-            metrics = {"loss": float(loss), **out.metrics}
+            metrics = {"loss": loss.item(), **out.metrics}
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             self.step += 1

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["robust_ce", "certified", "worst_case_logits"]
+__all__ = ["certified", "robust_ce", "worst_case_logits"]
 
 
 def worst_case_logits(margins: Tensor) -> Tensor:

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,13 +31,22 @@ from certfx.errors import CertfxError
 from certfx.passes.expose import expose
 from certfx.specs import LinfBall
 
-__all__ = ["StepContext", "LossOutput", "Method", "METHODS", "register_method", "get_method",
-           "option", "ActivationBounds", "BoundsAndActivations"]
+__all__ = [
+    "METHODS",
+    "ActivationBounds",
+    "BoundsAndActivations",
+    "LossOutput",
+    "Method",
+    "StepContext",
+    "get_method",
+    "option",
+    "register_method",
+]
 
 METHODS: dict[str, type[Method]] = {}
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def option(default: Any, help: str) -> Any:
     """A hyperparameter field with its paper default and its help text."""
     return field(default=default, metadata={"help": help})
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["pgd_box", "ce_objective", "margin_objective"]
+__all__ = ["ce_objective", "margin_objective", "pgd_box"]
 
 Objective = Callable[[Tensor, Tensor], Tensor]
 

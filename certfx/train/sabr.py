@@ -26,7 +26,7 @@ from certfx.train.ibp import IBPOptions, IntervalTraining
 from certfx.train.method import LossOutput, StepContext, option, register_method
 from certfx.train.pgd import pgd_box
 
-__all__ = ["SABROptions", "SABR", "sabr_centre", "sabr_box"]
+__all__ = ["SABR", "SABROptions", "sabr_box", "sabr_centre"]
 
 
 def sabr_centre(x: Tensor, x_star: Tensor, eps: float | Tensor, tau: float | Tensor) -> Tensor:

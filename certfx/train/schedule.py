@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from certfx.errors import InvalidValueError
 
-__all__ = ["EpsSchedule", "lr_factor", "linear_ramp"]
+__all__ = ["EpsSchedule", "linear_ramp", "lr_factor"]
 
 SHAPES = ("smooth", "linear")
 

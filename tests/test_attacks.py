@@ -283,3 +283,17 @@ def test_vnncomp_test_sat_counterexample() -> None:
     assert int(result.output.argmin()) == 0
     unsat = pgd_property(VNNCOMP_TEST / "test_unsat.onnx", prop, PGDConfig(steps=20, restarts=2))
     assert not unsat.found  # the instance is verified unsat by the VNN-COMP tools
+
+
+def test_a_passed_deadline_stops_pgd_at_once() -> None:
+    """The cascade's time limit reaches inside the attack: no step runs after the deadline."""
+    import time
+
+    torch.manual_seed(0)
+    net = linear([torch.randn(6).tolist()], [0.0])
+    lo, hi = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    prop = Property(lo, hi, region(([[1.0]], [-100.0])))  # unreachable: PGD would run on
+    result = pgd_property(net, prop, PGDConfig(steps=500, restarts=3),
+                          deadline=time.perf_counter())
+    assert result.steps == 0 and not result.found
+    assert pgd_property(net, prop, PGDConfig(steps=5, restarts=1)).steps == 5

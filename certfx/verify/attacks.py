@@ -33,6 +33,7 @@ import copy
 import enum
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,7 +323,8 @@ def recheck(model_or_onnx_path: ModelArg, prop: Property, x: Tensor) -> bool:
     return bool(_recheck_property(target, prop, x, shape)[0][0])
 
 
-def pgd_property(model: ModelArg, prop: Property, config: PGDConfig | None = None) -> AttackResult:
+def pgd_property(model: ModelArg, prop: Property, config: PGDConfig | None = None,
+                 deadline: float | None = None) -> AttackResult:
     """Search the box ``[prop.lower, prop.upper]`` for an input whose output is in ``prop.unsafe``.
 
     PGD minimizes the violation ``v_t(y) = max_r (matrix_t @ y − offset_t)_r`` of the unsafe
@@ -338,6 +340,8 @@ def pgd_property(model: ModelArg, prop: Property, config: PGDConfig | None = Non
             :func:`certfx.load`, re-checked with onnxruntime).
         prop: the input box and unsafe region.
         config: the attack settings; ``config.norm`` must be ``Norm.LINF``.
+        deadline: a ``time.perf_counter()`` value after which PGD stops at its next step
+            (the best points so far are still re-checked); ``None``: no limit.
 
     Raises:
         SpecError: ``config.norm`` is ``Norm.L2`` (a box has no ℓ2 radius; see :func:`pgd_ball`).
@@ -365,10 +369,14 @@ def pgd_property(model: ModelArg, prop: Property, config: PGDConfig | None = Non
         return _objective(v, cfg.loss, term), v.amin(1)
 
     alpha = (cfg.relative_step * (hi64 - lo64) / 2).to(dtype)  # step ∝ per-coordinate radius
+    def stop(b: Tensor) -> bool:
+        if cfg.early_stop and bool((b <= 0).any()):
+            return True
+        return deadline is not None and time.perf_counter() > deadline
+
     with _attack_mode(target.module):
         xs, best, taken = _pgd(target.module, starts, lambda x: torch.clamp(x, lo, hi),
-                               _linf_step(alpha), score, cfg.steps,
-                               (lambda b: bool((b <= 0).any())) if cfg.early_stop else None)
+                               _linf_step(alpha), score, cfg.steps, stop)
     order = best.argsort()
     pick = order[best[order] <= 0] if bool((best <= 0).any()) else order[:1]
     ok, violation, z, reasons = _recheck_property(target, prop, xs[pick], shape)

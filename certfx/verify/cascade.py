@@ -252,9 +252,9 @@ class Verifier:
             return None
         return x64.reshape(self.input_shape), y[0]
 
-    def _attack(self, prop: Property, config: PGDConfig, notes: list[str]
+    def _attack(self, prop: Property, config: PGDConfig, notes: list[str], deadline: float
                 ) -> tuple[Tensor, Tensor] | None:
-        result = pgd_property(self.graph, prop, config)
+        result = pgd_property(self.graph, prop, config, deadline=deadline)
         return self._confirm(result.x, prop, notes) if result.found else None
 
     def _split(self, prop: Property, lower: Tensor, upper: Tensor, open_terms: list[int],
@@ -346,7 +346,7 @@ class Verifier:
             began = time.perf_counter()
             if stage in ("attack", "retry-attack"):
                 config = options.attack if stage == "attack" else options.retry_attack
-                witness = self._attack(prop, config, notes)
+                witness = self._attack(prop, config, notes, deadline)
                 outcome = Verdict.FALSIFIED if witness is not None else None
             elif stage == "split":
                 share = options.split_share if "milp" in stages[stages.index(stage):] else 1.0

@@ -34,7 +34,7 @@ def check_finite(t: Tensor, what: str) -> None:
         return
     # One reduction on the fast path: a sum is finite unless an entry is NaN/inf (or the sum
     # overflows, which the exact check below then rules out).
-    if math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all()):
+    if math.isfinite(float(t.detach().sum())) or bool(torch.isfinite(t).all()):
         return
     bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
     raise InvalidValueError(f"{what} contains {bad}; replace it with finite values")

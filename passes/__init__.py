@@ -15,6 +15,7 @@ from certfx.passes.mark_perturbed import PERTURBED_KEY, mark_perturbed
 from certfx.passes.normalize import (MAPPINGS, Traced, mapping, method_key, normalize,
                                      to_canonical)
 from certfx.passes.shape_prop import SHAPE_KEY, shape_prop
+from certfx.passes.split import CutPoint, Split, cut_points, split
 
 __all__ = [
     "GraphPass",
@@ -27,6 +28,10 @@ __all__ = [
     "lower",
     "mark_perturbed",
     "shape_prop",
+    "split",
+    "cut_points",
+    "CutPoint",
+    "Split",
     "to_canonical",
     "normalize",
     "mapping",

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from certfx.errors import InvalidValueError
 
-__all__ = ["MODELS", "Normalize", "build_model", "conv_net", "BasicBlock", "resnet2b"]
+__all__ = ["MODELS", "BasicBlock", "Normalize", "build_model", "conv_net", "resnet2b"]
 
 _SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch.fx as fx
+from torch import fx
 
 from certfx import ops
 from certfx.errors import CertfxError

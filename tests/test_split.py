@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from certfx.passes.split import cut_points, split
 from torch import nn
 
 import certfx
 from certfx.errors import CertfxError
-from certfx.passes.split import cut_points, split
 from certfx.specs import LinfBall
 from tests.models import cnn_bn_maxpool, mlp, residual
 

@@ -4,4 +4,4 @@ own copies (:func:`read_image_csv`), and MNIST / CIFAR-10 for training (:func:`l
 from certfx.data.csv_images import read_image_csv
 from certfx.data.datasets import DATASETS, ImageDataset, RandomCropFlip, load_dataset
 
-__all__ = ["read_image_csv", "load_dataset", "ImageDataset", "RandomCropFlip", "DATASETS"]
+__all__ = ["DATASETS", "ImageDataset", "RandomCropFlip", "load_dataset", "read_image_csv"]

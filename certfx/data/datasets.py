@@ -42,8 +42,14 @@ from torch import Tensor
 from certfx.data.csv_images import read_image_csv
 from certfx.errors import CertfxError, InvalidValueError
 
-__all__ = ["DATASETS", "DatasetInfo", "ImageDataset", "load_dataset", "RandomCropFlip",
-           "shared_data_dir"]
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "ImageDataset",
+    "RandomCropFlip",
+    "load_dataset",
+    "shared_data_dir",
+]
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,7 @@
 """Imports every built-in training method so that it registers itself in ``METHODS``."""
 
-from certfx.train import adversarial, crown_ibp, ibp, sabr  # noqa: F401
+from certfx.train import adversarial, crown_ibp, ibp, sabr, taps  # noqa: F401
 
-try:  # methods built on the split pass
-    from certfx.train import taps  # noqa: F401
-except ImportError:  # pragma: no cover - until taps.py lands
-    pass
 try:
     from certfx.train import colt  # noqa: F401
 except ImportError:  # pragma: no cover - until colt.py lands

@@ -16,6 +16,7 @@ import importlib.util
 import io
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +215,17 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                       pgd_steps=args.pgd_eval_steps, pgd_restarts=args.pgd_eval_restarts,
                       cascade_timeout=args.cert_timeout)
     console.print(_result_table(args, result, train_seconds))
+    extra: dict[str, Any] = {}
+    if args.method in ("taps", "staps"):  # TAPS App. E: the model-selection proxy
+        from certfx.train.taps import taps_accuracy
+        extra["taps_accuracy"] = round(taps_accuracy(
+            trainer.method, test.images.to(trainer.device), test.labels.to(trainer.device),
+            args.eps), 4)
+        console.print(f"TAPS accuracy (App. E proxy, not a certificate): "
+                      f"{100 * extra['taps_accuracy']:.1f}%")
     if args.out is not None:
         _write_artifacts(args, model, test.images[:1], config, history, result, train_seconds,
-                         train, test, console)
+                         train, test, console, extra)
     return 0
 
 
@@ -232,7 +241,7 @@ def _result_table(args: argparse.Namespace, result: Any, seconds: float) -> Tabl
 
 def _write_artifacts(args: argparse.Namespace, model: torch.nn.Module, example: torch.Tensor,
                      config: Any, history: list, result: Any, seconds: float, train: Any,
-                     test: Any, console: Console) -> None:
+                     test: Any, console: Console, extra: dict[str, Any]) -> None:
     from certfx.inputs import write_bytes_atomic
     from certfx.train.loop import write_run_json
 
@@ -242,10 +251,12 @@ def _write_artifacts(args: argparse.Namespace, model: torch.nn.Module, example: 
     write_bytes_atomic(args.out / "model.pt", buffer.getvalue())
     try:
         buffer = io.BytesIO()
-        torch.onnx.export(model, (example.cpu(),), buffer, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"},
-                                                                 "logits": {0: "batch"}},
-                          dynamo=False)
+        with warnings.catch_warnings():  # the TorchScript exporter works offline; its notice
+            warnings.simplefilter("ignore", DeprecationWarning)  # is not the user's concern
+            torch.onnx.export(model, (example.cpu(),), buffer, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"},
+                                                                     "logits": {0: "batch"}},
+                              dynamo=False)
         write_bytes_atomic(args.out / "model.onnx", buffer.getvalue())
         onnx_note = "model.onnx"
     except Exception as err:  # noqa: BLE001 - the run's results stay useful without it
@@ -257,5 +268,5 @@ def _write_artifacts(args: argparse.Namespace, model: torch.nn.Module, example: 
                                                                                 None),
         "train_examples": int(train.images.shape[0]), "device": args.device,
         "config": config.to_json(), "history": history, "train_seconds": round(seconds, 2),
-        "evaluation": result.to_json(), "onnx": onnx_note})
+        "evaluation": result.to_json() | extra, "onnx": onnx_note})
     console.print(f"wrote {args.out}/run.json, model.pt, {onnx_note}")

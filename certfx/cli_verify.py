@@ -61,6 +61,10 @@ def add_verify(sub: Any, common: argparse.ArgumentParser, formatter: type) -> No
     p.add_argument("--limit", type=int, help="verify only the first N images of --data")
     p.add_argument("--lower", type=float, default=0.0, help="smallest valid input (default 0)")
     p.add_argument("--upper", type=float, default=1.0, help="largest valid input (default 1)")
+    p.add_argument("--mean", help="comma-separated per-channel mean the network expects its "
+                                  "inputs normalized by (x − mean)/std; certfx puts that "
+                                  "normalization in front, so --eps stays in pixel space")
+    p.add_argument("--std", help="comma-separated per-channel std (with --mean)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds per property, all stages together (default 60)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -74,6 +78,42 @@ def add_verify(sub: Any, common: argparse.ArgumentParser, formatter: type) -> No
     p.add_argument("--results", type=Path,
                    help="write the VNN-COMP answer (sat + counterexample/unsat/timeout/unknown)")
     p.set_defaults(run=cmd_verify)
+
+
+def _channels(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise InvalidValueError(f"{flag} is empty")
+    return values
+
+
+def _with_normalization(args: argparse.Namespace) -> tuple[Any, torch.Tensor | None]:
+    """The model (and an example input), or ``Normalize(mean, std)`` followed by it when
+    ``--mean``/``--std`` are given (the onnxruntime re-check of counterexamples is then
+    replaced by the float64 re-check of the graph)."""
+    if (args.mean is None) != (args.std is None):
+        raise InvalidValueError("--mean and --std go together")
+    if args.mean is None:
+        return args.model, None
+    import certfx
+    from certfx.models import Normalize
+
+    mean, std = _channels(args.mean, "--mean"), _channels(args.std, "--std")
+    if len(mean) != len(std) or any(v <= 0 for v in std):
+        raise InvalidValueError("--mean and --std need the same number of values, std > 0")
+    graph = certfx.load(args.model)
+    shape = tuple(graph.meta["certfx.input_shape"])
+    channels = shape[0] if len(shape) >= 3 else 1
+    if len(mean) not in (1, channels):
+        raise InvalidValueError(f"--mean has {len(mean)} values; the model's input {shape} has "
+                                f"{channels} channel(s)")
+    norm = Normalize(mean, std)
+    if len(shape) < 3:  # flat inputs: one value broadcast over all features
+        norm.mean, norm.std = norm.mean.view(1, -1), norm.std.view(1, -1)
+    return torch.nn.Sequential(norm, graph).eval(), torch.zeros(1, *shape)
 
 
 def _properties(args: argparse.Namespace, input_shape: tuple[int, ...],
@@ -132,7 +172,8 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
     for target in (args.json, args.results):
         if target is not None and not target.parent.is_dir():
             raise CertfxError(f"cannot write '{target}': folder '{target.parent}' does not exist")
-    verifier = Verifier(args.model, options=options)
+    model, example = _with_normalization(args)
+    verifier = Verifier(model, example_input=example, options=options)
     props = _properties(args, verifier.input_shape, verifier.num_outputs)
     for prop in props:
         verifier.check(prop)  # every property fits before any work

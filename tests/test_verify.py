@@ -246,3 +246,22 @@ def test_tolerance_decides_what_counts_as_proven() -> None:
                                  tolerance=tolerance)
         result = Verifier(net, x[None], options).verify(prop)
         assert result.verdict is expected and result.tolerance == tolerance
+
+
+def test_cli_mean_std_puts_the_normalization_in_front(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """y = x + (0.5, 1) reaches y0 >= y1 on [0, 1]² (sat); y = x/4 + (0.5, 1) cannot (unsat)."""
+    model, results, spec = tmp_path / "net.onnx", tmp_path / "res.txt", tmp_path / "p.vnnlib"
+    _onnx_identity(model, 0.5)
+    spec.write_text(VNNLIB)
+    status, _, err = _run(["verify", model, spec, "--timeout", "10", "--results", results,
+                           "--mean", "0", "--std", "4"], capsys)
+    assert status == 0, err
+    assert results.read_text().strip() == "unsat"
+    for extra, fragment in ((["--mean", "0"], "go together"),
+                            (["--mean", "0,0,0", "--std", "1,1,1"], "channel"),
+                            (["--mean", "a", "--std", "1"], "--mean"),
+                            (["--mean", "0", "--std", "0"], "std > 0")):
+        status, _, err = _run(["verify", model, spec, "--results", tmp_path / "x.txt", *extra],
+                              capsys)
+        assert status == 2 and fragment in err, (extra, err)

@@ -171,6 +171,7 @@ class Trainer:
         example = self.x[:1].to(self.device)
         self.method: Method = get_method(cfg.method)(self.model, example, cfg.options,
                                                      self.input_range)
+        self.method.total_epochs = cfg.epochs
         self.steps_per_epoch = math.ceil(self.x.shape[0] / cfg.batch_size)
         warmup, ramp, self.decays = cfg.schedule()
         self.eps = EpsSchedule(cfg.eps, self.steps_per_epoch, warmup, ramp, cfg.eps_shape)
@@ -279,6 +280,7 @@ class Trainer:
         """Train until ``config.epochs`` (from the checkpoint's epoch when resumed)."""
         while self.epoch < self.config.epochs:
             self.train_epoch()
+        self.method.on_train_end()
         self.model.eval()
         return self.history
 

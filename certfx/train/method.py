@@ -103,6 +103,7 @@ class Method:
             raise CertfxError(f"method '{self.name}' takes {self.Options.__name__}, got "
                               f"{type(self.options).__name__}")
         self.input_range = input_range
+        self.total_epochs: int | None = None  # set by the training loop (COLT's stages)
 
     def loss(self, x: Tensor, y: Tensor, ctx: StepContext) -> LossOutput:
         """The training loss of a batch (differentiable w.r.t. the model's parameters)."""
@@ -110,6 +111,9 @@ class Method:
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch (COLT changes its stage here)."""
+
+    def on_train_end(self) -> None:
+        """Called when training ends (COLT unfreezes the layers it froze)."""
 
     def compile(self, domain: str, model: nn.Module | None = None,
                 example_input: Tensor | None = None, **kwargs: Any) -> certfx.CertifiedModule:

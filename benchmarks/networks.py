@@ -20,14 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from certfx.models import build_model, mlp
-from certfx.models import resnet2b as _resnet2b
+from certfx.models import BasicBlock, Normalize, build_model
 
+__all__ = ["NETWORKS", "BasicBlock", "Network", "Normalize", "build", "cnn7", "conv3",
+           "mnist_mlp", "resnet2b"]
 
 
 def mnist_mlp(widths: tuple[int, ...] = (256, 256)) -> nn.Module:
     """An MNIST MLP with the given hidden widths."""
-    return mlp("mnist", widths)
+    return build_model("mlp", "mnist", widths=widths)
 
 
 def cnn7() -> nn.Module:
@@ -42,7 +43,7 @@ def conv3() -> nn.Module:
 
 def resnet2b() -> nn.Module:
     """A small CIFAR-10 ResNet with two basic blocks."""
-    return _resnet2b("cifar10")
+    return build_model("resnet2b", "cifar10")
 
 
 @dataclass(frozen=True)

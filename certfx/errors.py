@@ -18,6 +18,8 @@ __all__ = [
     "InvalidValueError",
     "SpecError",
     "PassError",
+    "DataError",
+    "DataNotFoundError",
 ]
 
 
@@ -70,6 +72,14 @@ class ShapeError(CertfxError):
 
 class InvalidValueError(CertfxError):
     """NaN/inf in inputs or weights, negative ε, lower > upper, and similar bad values."""
+
+
+class DataError(CertfxError):
+    """A data set file is corrupt or does not hold what was asked for (shape, labels, values)."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """No data where it was looked for; the message lists the places and how to pass a copy."""
 
 
 class SpecError(CertfxError):

@@ -88,3 +88,14 @@ NETWORKS = {
     "residual": (residual, (3, 6, 6)),
     "normalized": (normalized, (2, 6, 6)),
 }
+
+
+def toy_images(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` 1×8×8 images in three classes: the class is which third of the image is bright
+    (learnable with a margin, for the training tests)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
+    for i in range(n):
+        x[i, 0, :, int(y[i]) * 2:int(y[i]) * 2 + 3] += 0.6
+    return x.clamp(0, 1), y

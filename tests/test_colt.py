@@ -10,6 +10,7 @@ from certfx.errors import CertfxError
 from certfx.train import StepContext, TrainConfig, Trainer, get_method
 from certfx.train.batch_stats import batch_statistics
 from certfx.train.colt import latent_attack, latent_point, stage_eps_factor
+from tests.models import toy_images
 
 
 def cnn(seed: int = 0) -> nn.Module:
@@ -18,13 +19,7 @@ def cnn(seed: int = 0) -> nn.Module:
                          nn.ReLU(), nn.Linear(12, 3))
 
 
-def data(n: int = 32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
-    for i in range(n):
-        x[i, 0, :, int(y[i]) * 2:int(y[i]) * 2 + 3] += 0.6
-    return x, y
+data = toy_images
 
 
 def colt(net, **options):

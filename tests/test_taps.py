@@ -12,6 +12,7 @@ from certfx.train.batch_stats import batch_statistics
 from certfx.train.gradient_connector import connect, connector_gradients
 from certfx.train.losses import robust_ce
 from certfx.train.taps import scaled_product, taps_accuracy
+from tests.models import toy_images
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -20,13 +21,7 @@ def mlp(seed: int = 0) -> nn.Module:
                          nn.Linear(16, 3))
 
 
-def data(n: int = 32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
-    for i in range(n):
-        x[i, 0, :, int(y[i]) * 2:int(y[i]) * 2 + 3] += 0.6
-    return x, y
+data = toy_images
 
 
 def ctx(eps: float, target: float | None = None) -> StepContext:

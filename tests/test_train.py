@@ -24,6 +24,7 @@ from certfx.train.ibp import fast_regularizer, ibp_init_
 from certfx.train.losses import robust_ce
 from certfx.train.sabr import sabr_box
 from certfx.train.schedule import EpsSchedule, lr_factor
+from tests.models import toy_images
 
 
 def small_cnn(seed: int = 0, bn: bool = True) -> nn.Module:
@@ -33,14 +34,7 @@ def small_cnn(seed: int = 0, bn: bool = True) -> nn.Module:
                          nn.Linear(16, 3))
 
 
-def toy_data(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """8×8 images whose class is the brightest third of the image (learnable, with margin)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
-    for i in range(n):
-        x[i, 0, :, int(y[i]) * 2:int(y[i]) * 2 + 3] += 0.6
-    return x.clamp(0, 1), y
+toy_data = toy_images
 
 
 def ctx(eps: float, target: float | None = None, progress: float = 1.0) -> StepContext:

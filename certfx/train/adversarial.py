@@ -14,7 +14,7 @@ from torch import Tensor
 
 from certfx.errors import InvalidValueError
 from certfx.train.method import LossOutput, Method, StepContext, option, register_method
-from certfx.train.pgd import pgd_box
+from certfx.train.pgd import check_pgd_options, pgd_box
 
 __all__ = ["PGD", "PGDOptions", "Standard", "StandardOptions"]
 
@@ -47,8 +47,7 @@ class PGDOptions:
     natural_weight: float = option(0.0, "weight of the natural loss in the mix")
 
     def __post_init__(self) -> None:
-        if self.pgd_steps < 0 or self.pgd_restarts < 1 or not self.pgd_step_size > 0:
-            raise InvalidValueError("need pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
+        check_pgd_options(self.pgd_steps, self.pgd_step_size, self.pgd_restarts)
         if not 0 <= self.natural_weight <= 1:
             raise InvalidValueError("natural_weight must lie in [0, 1]")
 

@@ -35,7 +35,7 @@ from certfx.errors import CertfxError, InvalidValueError
 from certfx.passes.split import ACTIVATIONS, cut_points, split
 from certfx.specs import LinfBall
 from certfx.train.method import LossOutput, Method, StepContext, option, register_method
-from certfx.train.pgd import pgd_box
+from certfx.train.pgd import check_pgd_options, pgd_box
 
 __all__ = ["COLT", "COLTOptions", "latent_attack", "latent_point", "stage_eps_factor"]
 
@@ -98,8 +98,7 @@ class COLTOptions:
     def __post_init__(self) -> None:
         if self.epochs_per_stage is not None and self.epochs_per_stage < 1:
             raise InvalidValueError("epochs_per_stage must be >= 1")
-        if self.pgd_steps < 0 or not self.pgd_step_size > 0:
-            raise InvalidValueError("need pgd_steps >= 0 and pgd_step_size > 0")
+        check_pgd_options(self.pgd_steps, self.pgd_step_size)
         if not 0 <= self.natural_weight <= 1 or self.eps_factor_start < 1:
             raise InvalidValueError("need 0 <= natural_weight <= 1 and eps_factor_start >= 1")
 

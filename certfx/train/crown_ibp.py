@@ -19,8 +19,6 @@ from certfx.errors import InvalidValueError
 from certfx.train.ibp import (
     IBPOptions,
     IntervalTraining,
-    fast_reg_weight,
-    fast_regularizer,
 )
 from certfx.train.losses import certified, robust_ce
 from certfx.train.method import LossOutput, StepContext, option, register_method
@@ -77,10 +75,4 @@ class CrownIBP(IntervalTraining):
         metrics = {"robust_loss": robust.item(), "natural_loss": natural.item(),
                    "beta": beta, "kappa": kappa,
                    "cert": float(certified(margins).float().mean())}
-        weight = fast_reg_weight(opts.fast_reg, ctx, opts.fast_reg_weighting)
-        if weight > 0:
-            reg = fast_regularizer(bounds.activations, bounds.first_layer_input,
-                                   opts.fast_reg_tol)
-            loss = loss + weight * reg
-            metrics["fast_reg"] = reg.item()
-        return LossOutput(loss, metrics)
+        return LossOutput(self.regularized(loss, bounds, ctx, metrics), metrics)

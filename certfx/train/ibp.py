@@ -134,6 +134,17 @@ class IntervalTraining(Method):
             ibp_init_(self.model)
         self.box = ActivationBounds(self.compile("box"))
 
+    def regularized(self, loss: Tensor, bounds: BoundsAndActivations, ctx: StepContext,
+                    metrics: dict[str, float]) -> Tensor:
+        """``loss`` plus Shi et al.'s warm-up regularizer at this step's weight."""
+        opts = self.options
+        weight = fast_reg_weight(opts.fast_reg, ctx, opts.fast_reg_weighting)
+        if weight <= 0:
+            return loss
+        reg = fast_regularizer(bounds.activations, bounds.first_layer_input, opts.fast_reg_tol)
+        metrics["fast_reg"] = reg.item()
+        return loss + weight * reg
+
     def robust_terms(self, x: Tensor, y: Tensor, eps: float | Tensor, ctx: StepContext,
                      clean: Tensor | None = None) -> LossOutput:
         """The (regularized, mixed) robust loss over ``B^eps(x)``; ``clean`` are the clean
@@ -143,12 +154,7 @@ class IntervalTraining(Method):
         loss = robust_ce(bounds.margins)
         metrics = {"robust_loss": loss.item(), "box_cert": float(certified(
             bounds.margins).float().mean())}
-        weight = fast_reg_weight(opts.fast_reg, ctx, opts.fast_reg_weighting)
-        if weight > 0:
-            reg = fast_regularizer(bounds.activations, bounds.first_layer_input,
-                                   opts.fast_reg_tol)
-            loss = loss + weight * reg
-            metrics["fast_reg"] = reg.item()
+        loss = self.regularized(loss, bounds, ctx, metrics)
         if opts.natural_weight > 0:
             natural = F.cross_entropy(self.model(x if clean is None else clean), y)
             loss = opts.natural_weight * natural + (1 - opts.natural_weight) * loss

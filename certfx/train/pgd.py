@@ -25,9 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from certfx.errors import InvalidValueError
+
 __all__ = ["ce_objective", "margin_objective", "pgd_box"]
 
 Objective = Callable[[Tensor, Tensor], Tensor]
+
+
+def check_pgd_options(steps: int, step_size: float, restarts: int = 1) -> None:
+    """Raise a clear error for PGD settings no attack can run with."""
+    if steps < 0 or restarts < 1 or not step_size > 0:
+        raise InvalidValueError(f"PGD needs steps >= 0, restarts >= 1 and step size > 0, got "
+                                f"{steps}, {restarts}, {step_size}")
 
 
 def ce_objective(logits: Tensor, y: Tensor) -> Tensor:

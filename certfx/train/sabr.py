@@ -24,7 +24,7 @@ from torch import Tensor
 from certfx.errors import InvalidValueError
 from certfx.train.ibp import IBPOptions, IntervalTraining
 from certfx.train.method import LossOutput, StepContext, option, register_method
-from certfx.train.pgd import pgd_box
+from certfx.train.pgd import check_pgd_options, pgd_box
 
 __all__ = ["SABR", "SABROptions", "sabr_box", "sabr_centre"]
 
@@ -60,8 +60,7 @@ class SABROptions(IBPOptions):
         super().__post_init__()
         if not 0 < self.lambda_ratio <= 1:
             raise InvalidValueError(f"lambda_ratio must lie in (0, 1], got {self.lambda_ratio}")
-        if self.pgd_steps < 0 or self.pgd_restarts < 1 or not self.pgd_step_size > 0:
-            raise InvalidValueError("need pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
+        check_pgd_options(self.pgd_steps, self.pgd_step_size, self.pgd_restarts)
 
 
 @register_method

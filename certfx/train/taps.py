@@ -35,7 +35,7 @@ from certfx.train.gradient_connector import connect
 from certfx.train.ibp import IBPOptions, IntervalTraining
 from certfx.train.losses import certified, robust_ce
 from certfx.train.method import LossOutput, StepContext, option, register_method
-from certfx.train.pgd import pgd_box
+from certfx.train.pgd import check_pgd_options, pgd_box
 from certfx.train.sabr import sabr_box
 
 __all__ = ["STAPS", "TAPS", "TAPSOptions", "latent_attack", "scaled_product", "taps_accuracy"]
@@ -90,8 +90,7 @@ class TAPSOptions(IBPOptions):
         super().__post_init__()
         if self.split_relus < 1 or self.w_taps < 0 or not 0 <= self.connector_c <= 1:
             raise InvalidValueError("need split_relus >= 1, w_taps >= 0, connector_c in [0, 1]")
-        if self.pgd_steps < 0 or self.pgd_restarts < 1 or not self.pgd_step_size > 0:
-            raise InvalidValueError("need pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
+        check_pgd_options(self.pgd_steps, self.pgd_step_size, self.pgd_restarts)
         if not 0 < self.lambda_ratio <= 1:
             raise InvalidValueError(f"lambda_ratio must lie in (0, 1], got {self.lambda_ratio}")
 

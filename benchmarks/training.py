@@ -126,7 +126,8 @@ def precision(args, x, y, xt, yt, console) -> list[dict]:
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         Trainer(model, x, y, config).fit()
         model.eval()
-        probe = get_method("taps")(model, xt[:1])
+        # init="default": building a method must not re-initialize the trained network
+        probe = get_method("taps")(model, xt[:1], get_method("taps").Options(init="default"))
         ibp = get_method("ibp")(model, xt[:1], get_method("ibp").Options(init="default"))
         errors: dict[str, list[float]] = {k: [] for k in ("ibp", "pgd", "sabr", "taps")}
         inexact = 0
@@ -149,6 +150,8 @@ def precision(args, x, y, xt, yt, console) -> list[dict]:
             for key, value in (("ibp", -float(m_ibp.min())), ("pgd", pgd_value),
                                ("sabr", -float(m_sabr.min())), ("taps", -float(m_taps.min()))):
                 errors[key].append(value - exact)
+            print(f"  {method} net, image {i}: exact {exact:.3f} (optimal: {optimal}), errors "
+                  + ", ".join(f"{k} {v[-1]:+.3f}" for k, v in errors.items()), flush=True)
         row = {"trained_with": method, "examples": args.precision, "inexact_milp": inexact}
         for key, errs in errors.items():
             e = np.array(errs)

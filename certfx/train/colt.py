@@ -11,7 +11,7 @@ in it by the change of variables of Sec. 5: ascend in ``e`` and clip it to ``[�
 cross-entropy at ``z'``, mixed with the natural loss at the start of each stage (ACE App. B: a
 loss-mixing period). The extractor's parameters are frozen during stage ``l`` (Algorithm 1,
 line 10: layers of earlier stages stay fixed), and ε starts 10% above the target and drops by 5%
-per stage, never below the target (Sec. 6, "Training").
+per stage (Sec. 7, "Training"), here never below the target.
 
 Example:
     >>> import torch
@@ -23,11 +23,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, fx, nn
 
 import certfx
 from certfx.domains import Zonotope, ZonotopeOptions
@@ -41,13 +43,16 @@ __all__ = ["COLT", "COLTOptions", "latent_attack", "latent_point", "stage_eps_fa
 
 
 def latent_point(center: Tensor, generators: Tensor, e: Tensor) -> Tensor:
-    """``z' = a + A e`` (Sec. 5): ``center (B, *shape)``, ``generators (B, m, *shape)``,
-    ``e (B, m)``."""
+    """``z' = a_l + A_l e`` (Sec. 5, "Projection to linear convex regions"; the region
+    ``C_l(x) = {a_l + A_l e : e ∈ [−1, 1]^m}`` of Sec. 5 / App. A.1): ``center (B, *shape)``,
+    ``generators (B, m, *shape)`` (``generators[:, i]`` is column ``i`` of ``A_l``), ``e (B, m)``.
+    Every ``e`` in the cube gives a point of the zonotope, so clipping ``e`` is the projection."""
     return center + torch.einsum("bm,bm...->b...", e, generators)
 
 
 def stage_eps_factor(stage: int, start: float = 1.1, decay: float = 0.05) -> float:
-    """ε of stage ``s`` relative to the target: ``max(1, start − decay·s)`` (Sec. 6).
+    """ε of stage ``s`` relative to the target, ``max(1, start − decay·s)`` (Sec. 7,
+    "Training": 10% above the certified ε at first, 5% less per stage).
 
     >>> [stage_eps_factor(s) for s in range(4)]
     [1.1, 1.05, 1.0, 1.0]
@@ -55,10 +60,15 @@ def stage_eps_factor(stage: int, start: float = 1.1, decay: float = 0.05) -> flo
     return max(1.0, round(start - decay * stage, 10))
 
 
-def latent_attack(classifier, region: Zonotope, y: Tensor, steps: int, step_size: float,
-                  generator: torch.Generator | None) -> Tensor:
+def latent_attack(classifier: Callable[[Tensor], Tensor], region: Zonotope, y: Tensor,
+                  steps: int, step_size: float, generator: torch.Generator | None) -> Tensor:
     """PGD over ``e ∈ [−1, 1]^m`` maximizing the classifier's cross-entropy at ``a + A e``:
-    sign steps of ``step_size`` in ``e``, clipped to the cube (the projection of Sec. 5)."""
+    sign steps of ``step_size`` in ``e``, clipped to the cube (the projection of Sec. 5).
+
+    Sec. 5 updates ``e ← clip(e + α A_lᵀ ∇_{z'} L, −1, 1)``; by the chain rule through
+    ``z' = a_l + A_l e`` that gradient is ``∇_e L``, which autograd gives directly. Its sign
+    (ℓ∞ PGD, Madry et al.) makes ``step_size`` independent of the scale of ``A_l``. The start is
+    uniform in the cube (Algorithm 1, line 4: ``z' ~ C_l(x)``)."""
     center, gens = region.center.detach(), region.generators.detach()
     m = gens.shape[1]
     e = torch.rand((center.shape[0], m), generator=generator, device=center.device,
@@ -78,9 +88,18 @@ def latent_attack(classifier, region: Zonotope, y: Tensor, steps: int, step_size
     return latent_point(center, gens, best_e).detach()
 
 
+class _Stage(NamedTuple):
+    """What stage ``l ≥ 1`` needs: DeepZ over the extractor ``h^{1:l}`` (giving ``C_l(x)``),
+    the classifier ``h^{l+1:k}``, and the extractor's parameters (frozen in the stage)."""
+
+    region: Any                      # certfx.CertifiedModule of the extractor
+    classifier: fx.GraphModule
+    frozen: list[nn.Parameter]
+
+
 @dataclass(frozen=True)
 class COLTOptions:
-    """COLT hyperparameters (paper ``003`` Sec. 6; ACE App. B for the loss mixing)."""
+    """COLT hyperparameters (paper ``003`` Sec. 5 and 7; ACE App. B for the loss mixing)."""
 
     epochs_per_stage: int | None = option(None, "epochs per latent layer (default: the run's "
                                                 "epochs split evenly over the stages)")
@@ -111,7 +130,7 @@ class COLT(Method):
     Options = COLTOptions
     description = "COLT (Balunović & Vechev 2020): PGD in zonotope regions of latent layers"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         canonical = certfx.load(self.model, self.example_input)
         valid = {p.node for p in cut_points(canonical)}
@@ -125,7 +144,9 @@ class COLT(Method):
                               "network; this one has none (see certfx.passes.split)")
         self.canonical = canonical
         self.stage, self.epoch_in_stage, self.stage_epochs = 0, 0, 1
-        self._parts: dict[int, tuple] = {}
+        self._parts: dict[int, _Stage] = {}
+        # the user's own flags: parameters frozen before training stay frozen in every stage
+        self._trainable = {p: p.requires_grad for p in self.model.parameters()}
 
     @property
     def stages(self) -> int:
@@ -137,45 +158,55 @@ class COLT(Method):
             1, math.ceil((self.total_epochs or self.stages) / self.stages))
         return min(epoch // per, self.stages - 1), epoch % per, per
 
-    def _part(self, stage: int):
+    def _part(self, stage: int) -> _Stage:
+        """The split at latent layer ``stage`` (built once, then cached)."""
         if stage not in self._parts:
             extractor, classifier, _ = split(self.canonical, at=self.latent[stage - 1])
             zopts = ZonotopeOptions(max_error_terms=self.options.max_error_terms)
             box = certfx.compile(extractor, "deepz", LinfBall(0.0, *self.input_range),
                                  example_input=self.example_input, domain_options=zopts)
-            self._parts[stage] = (box, classifier, list(extractor.parameters()))
+            self._parts[stage] = _Stage(box, classifier, list(extractor.parameters()))
         return self._parts[stage]
 
     def on_epoch_start(self, epoch: int) -> None:
         self.stage, self.epoch_in_stage, self.stage_epochs = self.stage_of(epoch)
-        for p in self.model.parameters():
-            p.requires_grad_(True)
+        self._restore_flags()
         if self.stage > 0 and self.options.freeze:
-            for p in self._part(self.stage)[2]:
+            for p in self._part(self.stage).frozen:
                 p.requires_grad_(False)
 
     def on_train_end(self) -> None:
-        for p in self.model.parameters():
-            p.requires_grad_(True)
+        self._restore_flags()
+
+    def _restore_flags(self) -> None:
+        for p, flag in self._trainable.items():
+            p.requires_grad_(flag)
 
     def loss(self, x: Tensor, y: Tensor, ctx: StepContext) -> LossOutput:
         o = self.options
+        # ε_s = ε · max(1, 1.1 − 0.05·s)
         eps = ctx.eps * stage_eps_factor(self.stage, o.eps_factor_start, o.eps_factor_decay)
+        # κ = κ₀ · max(0, 1 − t/(T/2)) at epoch t of a stage of T epochs (the mixing period)
         half = max(self.stage_epochs / 2, 1e-9)
         kappa = o.natural_weight * max(0.0, 1 - self.epoch_in_stage / half)
         if self.stage == 0 or eps <= 0:
+            # stage 0, Eq. 2 (C_0 = S_0): max over x' ∈ B^ε_s(x) ∩ [0, 1] of L(h(x'), y)
             lo, hi = (x - eps).clamp(*self.input_range), (x + eps).clamp(*self.input_range)
             xa = pgd_box(self.model, lo, hi, y, steps=o.pgd_steps, step_size=o.pgd_step_size,
                          generator=ctx.generator) if eps > 0 else x
             adversarial = F.cross_entropy(self.model(xa), y)
         else:
-            box, classifier, _ = self._part(self.stage)
+            # stage l, Eq. 3: max over z' ∈ C_l(x) of L(h^{l+1:k}(z'), y), where
+            # C_l(x) = a_l + A_l·[−1, 1]^m is DeepZ over B^ε_s(x) ∩ [0, 1], a constant of the
+            # step (Sec. 4: no backpropagation through the relaxation)
+            box, classifier = self._part(self.stage)[:2]
             with torch.no_grad():
                 lo, hi = box.input_bounds(x, eps)
                 region = box.bounds(lo, hi)
             z = latent_attack(classifier, region, y, o.pgd_steps, o.pgd_step_size,
                               ctx.generator)
             adversarial = F.cross_entropy(classifier(z), y)
+        # L = κ·L_nat + (1 − κ)·L_adv
         loss = adversarial
         metrics = {"adversarial_loss": adversarial.item(), "stage": float(self.stage),
                    "stage_eps": eps}

@@ -93,3 +93,11 @@ def test_bad_flags_are_named(mnist_csv, tmp_path, capsys, extra, message):
 def test_missing_data_says_how_to_fix(tmp_path, capsys):
     assert run(["--dataset", "cifar10", "--eps", "0.01", "--epochs", "1"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_help_lists_every_method_option(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--lambda-ratio", "--w-taps", "--connector-c", "--epochs-per-stage",
+                 "--fast-reg", "--beta-start"):
+        assert flag in out

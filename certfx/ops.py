@@ -77,6 +77,8 @@ __all__ = [
     "reciprocal",
     "product",
     "softmax_entropy",
+    # certify-or-predict selection (ACE)
+    "ace_select",
 ]
 
 
@@ -536,3 +538,26 @@ def softmax_entropy(x: Tensor) -> Tensor:
     """
     lse = torch.logsumexp(x, dim=1, keepdim=True)
     return lse - (torch.softmax(x, dim=1) * x).sum(dim=1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The selection node of certify-or-predict architectures (ACE, paper 000, Eq. 2).
+# --------------------------------------------------------------------------------------------
+
+
+@core_op(perturbed_args=(0, 1, 2))
+def ace_select(score: Tensor, chosen: Tensor, other: Tensor, threshold: float) -> Tensor:
+    """``chosen`` where ``score > threshold``, ``other`` elsewhere, per example.
+
+    Paper 000, Eq. 2 with the selection ``g(x) = 1[score(x) > T]``: ``score`` is ``(batch, 1)``
+    (a selection network's output, Sec. 4.1.1, or the negated entropy with ``T`` negated,
+    Sec. 4.1.2), ``chosen`` the certification network's output and ``other`` the core
+    network's, both ``(batch, *shape)``. Exactly at the threshold the core network decides.
+
+    Example:
+        >>> s = torch.tensor([[1.0], [0.0]])
+        >>> ace_select(s, torch.ones(2, 2), torch.zeros(2, 2), 0.0).tolist()
+        [[1.0, 1.0], [0.0, 0.0]]
+    """
+    selected = (score > threshold).reshape(score.shape[0], *[1] * (chosen.dim() - 1))
+    return torch.where(selected, chosen, other)

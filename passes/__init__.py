@@ -10,6 +10,7 @@ from certfx.passes.expose import expose
 from certfx.passes.fold_batchnorm import fold_batchnorm
 from certfx.passes.fuse_spec import fuse_spec
 from certfx.passes.infra import GraphPass, PassManager, graph_pass
+from certfx.passes.insert_ace import Entropy, SelectionNet, insert_ace
 from certfx.passes.lower import lower
 from certfx.passes.mark_perturbed import PERTURBED_KEY, mark_perturbed
 from certfx.passes.normalize import (MAPPINGS, Traced, mapping, method_key, normalize,
@@ -29,6 +30,9 @@ __all__ = [
     "mark_perturbed",
     "shape_prop",
     "split",
+    "insert_ace",
+    "Entropy",
+    "SelectionNet",
     "cut_points",
     "CutPoint",
     "Split",

@@ -13,7 +13,8 @@ Both rules are derived from the op traits of :mod:`certfx.ops` (so exp and log, 
 monotone, need nothing here; log's bounds are NaN where ``l < 0``); only ops whose traits do not
 suffice have a rule written here: leaky ReLU with a negative slope, the decreasing reciprocal,
 the product of two perturbed tensors (the four corner products, ACE Eq. 28–29) and the
-softmax entropy (interval arithmetic on Eq. 5 of ACE).
+softmax entropy (interval arithmetic on Eq. 5 of ACE) and ACE's selection node (the chosen
+branch where the score's bounds decide the selection, the hull of both branches elsewhere).
 
 Example:
     >>> import torch
@@ -41,7 +42,7 @@ from certfx.domains.base import Domain, Rule, register_domain
 from certfx.ops import OpTraits
 
 __all__ = ["Interval", "box_input", "box_product", "box_softmax_entropy", "entropy_shift",
-           "BOX"]
+           "box_ace_select", "SelectionDecision", "selection_decision", "BOX"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,59 @@ def box_softmax_entropy(x: Interval) -> Interval:
     terms = box_product(x, probs)
     return Interval(c + lse.lower - terms.upper.sum(1, keepdim=True),
                     c + lse.upper - terms.lower.sum(1, keepdim=True))
+
+
+@dataclass(frozen=True)
+class SelectionDecision:
+    """Where bounds on a selection score ``s`` decide ``1[s > T]`` for every point of the set.
+
+    Attributes:
+        selected: ``lower(s) > T``: every point selects the certification network.
+        rejected: ``upper(s) ≤ T``: every point selects the core network.
+    Both are ``(batch, 1, …)`` booleans shaped to broadcast against a branch of ``ndim`` dims;
+    where neither holds, both branches are reachable.
+    """
+
+    selected: Tensor
+    rejected: Tensor
+
+    @property
+    def undecided(self) -> Tensor:
+        return ~(self.selected | self.rejected)
+
+
+def selection_decision(score: Interval | Tensor, threshold: float, ndim: int) -> SelectionDecision:
+    """The :class:`SelectionDecision` of ``score`` (bounds, or a constant tensor) against ``T``.
+
+    Example:
+        >>> d = selection_decision(Interval(torch.tensor([[0.5], [-1.0]]),
+        ...                                 torch.tensor([[2.0], [1.0]])), 0.0, ndim=2)
+        >>> d.selected.flatten().tolist(), d.undecided.flatten().tolist()
+        ([True, False], [False, True])
+    """
+    lower, upper = (score.lower, score.upper) if isinstance(score, Interval) else (score, score)
+    shape = (lower.shape[0], *[1] * (ndim - 1))
+    return SelectionDecision((lower > threshold).reshape(shape),
+                             (upper <= threshold).reshape(shape))
+
+
+def _as_interval(v: Interval | Tensor) -> Interval:
+    return v if isinstance(v, Interval) else Interval(v, v)
+
+
+@BOX.rule(ops.ace_select)
+def box_ace_select(score: Interval | Tensor, chosen: Interval | Tensor,
+                   other: Interval | Tensor, threshold: float) -> Interval:
+    """ACE's selection node (paper 000, Eq. 2, certified as in Sec. 4.2): where the score's
+    bounds decide ``1[s > T]`` for the whole set, the decided branch's bounds; elsewhere either
+    branch may answer, so the hull ``[min(l_c, l_o), max(u_c, u_o)]``."""
+    c, o = _as_interval(chosen), _as_interval(other)
+    d = selection_decision(score, threshold, max(c.lower.dim(), o.lower.dim()))
+    lower = torch.where(d.selected, c.lower, torch.where(d.rejected, o.lower,
+                                                         torch.minimum(c.lower, o.lower)))
+    upper = torch.where(d.selected, c.upper, torch.where(d.rejected, o.upper,
+                                                         torch.maximum(c.upper, o.upper)))
+    return Interval(lower, upper)
 
 
 BOX.derive_missing()

@@ -24,7 +24,8 @@ carrying its shape). There are three kinds:
 The commonest affine ops also have hand-written rules (:mod:`certfx.domains.linear_affine`:
 the same results without functorch's per-call cost, or with per-example constants);
 ``softmax_entropy`` has none and is rejected by ``check_support``. ``product`` (of two perturbed
-tensors) has the McCormick relaxation below. New affine
+tensors) has the McCormick relaxation below, and ACE's selection node ``ace_select`` a
+case split on its score's bounds (see :class:`SelectRelaxation`). New affine
 ops and new relaxation-table entries get rules automatically.
 
 Example:
@@ -51,12 +52,13 @@ from torch import Tensor
 
 from certfx import ops
 from certfx.domains.base import Domain, Rule, expose_to_codegen
-from certfx.domains.interval import Interval
+from certfx.domains.interval import Interval, box_ace_select, selection_decision
 from certfx.domains.linear import LinearBounds, Slopes, Var, lin_input, rowdot
 from certfx.domains.relaxations import RELAXATIONS, LinearRelaxation, linear_relaxation
 from certfx.ops import OpTraits
 
 __all__ = ["BACK", "RELAX", "RELAX_WEIGHTED", "MaxPoolRelaxation", "ProductRelaxation",
+           "SelectRelaxation",
            "WeightedRelaxation", "has_free_slope", "UNSUPPORTED"]
 
 # Ops deliberately without a backward rule, and why (check_support names them).
@@ -393,6 +395,78 @@ def back_product(a: LinearBounds, relaxation: ProductRelaxation) -> Any:
 
 RELAX[ops.product] = relax_product
 expose_to_codegen(relax_product)
+
+# ---- ACE's selection node (paper 000, Eq. 2) -------------------------------------------------
+
+@dataclass(frozen=True)
+class SelectRelaxation:
+    """``y = chosen`` where the score's bounds prove ``s > T``, ``y = other`` where they prove
+    ``s ≤ T``, and ``y ∈ [hull_lower, hull_upper]`` (both branches' hull) elsewhere.
+
+    ``selected``/``rejected`` are 0/1 masks ``(batch, 1, *shape)``; the hull is 0 where decided.
+    ``score_shape`` is the score's per-example shape (it gets a zero term: the selection moves
+    no coefficients into the selection network, only the decision); ``chosen``/``other`` hold
+    a constant branch's value (``None`` for a perturbed one).
+    """
+
+    selected: Tensor
+    rejected: Tensor
+    hull_lower: Tensor
+    hull_upper: Tensor
+    score_shape: tuple[int, ...] | None
+    chosen: Tensor | None
+    other: Tensor | None
+
+
+def relax_ace_select(score: Interval | Tensor, chosen: Interval | Tensor,
+                     other: Interval | Tensor, threshold: float, *,
+                     slopes: Slopes = Slopes()) -> SelectRelaxation:
+    """The :class:`SelectRelaxation` from the bounds of the score and both branches."""
+    hull = box_ace_select(score, chosen, other, threshold)
+    d = selection_decision(score, threshold, hull.lower.dim())
+    und = d.undecided
+    one = hull.lower.new_ones(())
+
+    def mask(m: Tensor) -> Tensor:
+        return (m * one).unsqueeze(1)
+
+    def const(v: Interval | Tensor) -> Tensor | None:
+        return None if isinstance(v, Interval) else torch.as_tensor(v).unsqueeze(1)
+
+    return SelectRelaxation(
+        mask(d.selected), mask(d.rejected),
+        torch.where(und, hull.lower, 0.0).unsqueeze(1), torch.where(und, hull.upper, 0.0).unsqueeze(1),
+        tuple(score.lower.shape[1:]) if isinstance(score, Interval) else None,
+        const(chosen), const(other))
+
+
+@BACK.rule(ops.ace_select)
+def back_ace_select(a: LinearBounds, relaxation: SelectRelaxation) -> Any:
+    """``⟨A, y⟩ ≥ ⟨A·sel, chosen⟩ + ⟨A·rej, other⟩ + ⟨A⁺·und, l_hull⟩ + ⟨A⁻·und, u_hull⟩``
+    per example: one term per perturbed argument (score, chosen, other), in that order, the
+    bias in the first."""
+    r = relaxation
+    coef = a.coef
+    und = 1 - r.selected - r.rejected
+    pos = coef.clamp(min=0) * und
+    bias = a.bias + _rowdot(pos, r.hull_lower) + _rowdot(coef * und - pos, r.hull_upper)
+    terms = []
+    if r.score_shape is not None:
+        terms.append(coef.new_zeros(max(coef.shape[0], r.selected.shape[0]), coef.shape[1],
+                                    *r.score_shape))
+    for m, value in ((r.selected, r.chosen), (r.rejected, r.other)):
+        if value is None:
+            terms.append(coef * m)
+        else:
+            bias = bias + _rowdot(coef * m, value)
+    out = [LinearBounds(t, bias if k == 0 else torch.zeros_like(bias))
+           for k, t in enumerate(terms)]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+RELAX[ops.ace_select] = relax_ace_select
+expose_to_codegen(relax_ace_select)
+
 for _op in RELAXATIONS:
     RELAX[_op] = _make_relax(_op)
     RELAX_WEIGHTED[_op] = _make_weighted_relax(_op)

@@ -1,5 +1,5 @@
 """Zonotope (DeepZ) rules beyond affine maps and activations: max-pool, the product of two
-zonotopes (ACE App. H.5) and the softmax-entropy composite (ACE App. H.6).
+zonotopes (ACE App. H.5), the softmax-entropy composite (ACE App. H.6) and ACE's selection node.
 
 They register themselves on the ``deepz`` domain of :mod:`certfx.domains.zonotope`, which
 imports this module before deriving its remaining rules.
@@ -27,10 +27,12 @@ import torch
 from torch import Tensor
 
 from certfx import ops
-from certfx.domains.interval import Interval, box_product, box_softmax_entropy, entropy_shift
+from certfx.domains.interval import (Interval, box_product, box_softmax_entropy, entropy_shift,
+                                     selection_decision)
 from certfx.domains.zonotope import DEEPZ, Zonotope, align, extend, relax
 
-__all__ = ["deepz_max_pool", "deepz_product", "deepz_softmax_entropy", "entropy_bounds"]
+__all__ = ["deepz_max_pool", "deepz_product", "deepz_softmax_entropy", "entropy_bounds",
+           "deepz_ace_select"]
 
 
 # ---- max pooling ----------------------------------------------------------------------------
@@ -172,3 +174,38 @@ def entropy_bounds(x: Zonotope | Interval) -> Zonotope | Interval:
     if isinstance(x, Interval):
         return box_softmax_entropy(x)
     return deepz_softmax_entropy(x)
+
+
+# ---- ACE's selection node (paper 000, Eq. 2) -------------------------------------------------
+
+def _constant_zonotope(v: Zonotope | Tensor, like: Zonotope) -> Zonotope:
+    if isinstance(v, Zonotope):
+        return v
+    center = torch.as_tensor(v).expand_as(like.center)
+    return Zonotope(center, center.new_zeros(center.shape[0], 0, *center.shape[1:]), (),
+                    like.options)
+
+
+@DEEPZ.rule(ops.ace_select)
+def deepz_ace_select(score: Zonotope | Tensor, chosen: Zonotope | Tensor,
+                     other: Zonotope | Tensor, threshold: float) -> Zonotope:
+    """``chosen`` where ``score > T``, ``other`` elsewhere (paper 000, Eq. 2; Sec. 4.2).
+
+    Per example: where the score's bounds decide the selection for every point of the set, the
+    decided branch's affine form is the output's, its error terms shared (exact); where they do
+    not, either branch may answer, and the output is the box hull of both branches'
+    concretizations as fresh terms (sound, drops correlations).
+    """
+    like = next(v for v in (chosen, other, score) if isinstance(v, Zonotope))
+    c, o = _constant_zonotope(chosen, like), _constant_zonotope(other, like)
+    score_bounds = score.concretize() if isinstance(score, Zonotope) else score
+    d = selection_decision(score_bounds, threshold, c.center.dim())
+    blocks, (g_c, g_o) = align(c, o)
+    lower = torch.minimum(c.lower, o.lower)
+    upper = torch.maximum(c.upper, o.upper)
+    center = torch.where(d.selected, c.center,
+                         torch.where(d.rejected, o.center, (lower + upper) / 2))
+    gens = torch.where(d.selected.unsqueeze(1), g_c,
+                       torch.where(d.rejected.unsqueeze(1), g_o, 0.0))
+    radius = torch.where(d.undecided, (upper - lower) / 2, 0.0)
+    return extend(center, gens, blocks, radius, "ace_select", like.options)

@@ -9,7 +9,7 @@ solver-agnostic :class:`~certfx.backends.milp.problem.Problem`:
   cheap), their constant term off the op at 0; a node's value stays an affine expression of
   earlier variables (:class:`~certfx.backends.milp.problem.Expr`) and gets variables of its own
   only where that keeps the problem sparser, or where a non-linear op needs them;
-* ReLU, leaky ReLU, hardtanh and max-pool get the exact big-M encodings of Tjeng, Xiao, Tedrake
+* ReLU, leaky ReLU, hardtanh, max-pool and ACE's selection node get the exact big-M encodings of Tjeng, Xiao, Tedrake
   (ICLR 2019) from :mod:`~certfx.backends.milp.nonlinear`, with ``M`` from the tightest sound
   bounds available: interval bounds of each expression over the variables' bounds, intersected
   with ``EncodeOptions.known_bounds`` (e.g. DeepPoly/CROWN bounds, see
@@ -241,7 +241,32 @@ class _Encoder:
 
     # ---- non-linear ops -----------------------------------------------------------------------
 
+    def _select(self, node: fx.Node, position: int) -> None:
+        """ACE's selection node: three perturbed arguments (score, chosen, other)."""
+        score, chosen, other, threshold = node.args
+        exact = position >= self.first_exact
+        parts = []
+        for a in (score, chosen, other):
+            if isinstance(a, fx.Node) and isinstance(self.env.get(a), Expr):
+                parts.append((self.env[a], self.bounds[a.name]))
+            else:  # a constant argument: its value, as a point
+                v = self.env[a] if isinstance(a, fx.Node) else torch.as_tensor(a)
+                v = v.detach().to(torch.float64).reshape(-1).numpy()
+                parts.append((Expr.constant(v), (v, v)))
+        (s, s_b), (c, c_b), (o, o_b) = parts
+        if s.size != 1:
+            raise ShapeError(f"{node.name}: the selection score must be one number per "
+                             f"example, got {s.size}")
+        out, k = nl.encode_select(self.builder, s, s_b, c, c_b, o, o_b, float(threshold), exact)
+        self.exact &= exact or k == 0
+        self.binaries += k
+        self._set(node, out, self.shapes[chosen] if isinstance(chosen, fx.Node)
+                  else self.shapes[other])
+
     def _nonlinear(self, node: fx.Node, position: int) -> None:
+        if node.target is ops.ace_select:
+            self._select(node, position)
+            return
         x = node.args[0]
         if not isinstance(x, fx.Node) or any(isinstance(self.env.get(a), Expr)
                                              for a in node.all_input_nodes if a is not x):

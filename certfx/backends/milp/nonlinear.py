@@ -37,12 +37,12 @@ from certfx.backends.milp.problem import Expr, ProblemBuilder
 from certfx.errors import UnsupportedOp, UnsupportedOpsError
 
 __all__ = ["KINKED", "EXACT_OPS", "check_encodable", "where", "materialize", "encode_relu_like",
-           "encode_hardtanh", "encode_max", "encode_relaxed", "pool_windows"]
+           "encode_hardtanh", "encode_max", "encode_relaxed", "encode_select", "pool_windows"]
 
 
 # Piecewise-linear activations counted as "layers" for partial MILP and tightening.
 KINKED = (ops.relu, ops.leaky_relu, ops.hardtanh)
-EXACT_OPS = (*KINKED, ops.max_pool)
+EXACT_OPS = (*KINKED, ops.max_pool, ops.ace_select)
 
 
 def where(node: fx.Node) -> str:
@@ -72,7 +72,8 @@ def check_encodable(gm: fx.GraphModule, allow_relaxation: bool = False) -> None:
             continue
         hint = ("no exact MILP encoding; pass allow_relaxation=True for a sound relaxation "
                 "(then only verified/unknown answers)" if relaxable else
-                "no MILP encoding (supported: affine ops, relu, leaky_relu, hardtanh, max_pool)")
+                "no MILP encoding (supported: affine ops, relu, leaky_relu, hardtanh, max_pool, "
+                "ace_select)")
         bad.append(UnsupportedOp(n.name, name, where(n), hint))
     if bad:
         raise UnsupportedOpsError("MILP encoding", bad)
@@ -262,3 +263,42 @@ def encode_relaxed(builder: ProblemBuilder, x: Expr, lower: np.ndarray, upper: n
     builder.add_constraints(y - xv.scale(fields[0]), lower=fields[1])
     builder.add_constraints(y - xv.scale(fields[2]), upper=fields[3])
     return y
+
+
+def encode_select(builder: ProblemBuilder, score: Expr, score_bounds: tuple[np.ndarray, np.ndarray],
+                  chosen: Expr, chosen_bounds: tuple[np.ndarray, np.ndarray], other: Expr,
+                  other_bounds: tuple[np.ndarray, np.ndarray], threshold: float,
+                  exact: bool = True) -> tuple[Expr, int]:
+    """ACE's selection ``y = chosen if s > T else other`` (paper 000, Eq. 2) for one example;
+    returns ``(y, number of binaries)``.
+
+    Where the score's bounds decide (``l_s > T`` or ``u_s ≤ T``) ``y`` is that branch, with no
+    variable. Otherwise an indicator ``δ`` (``δ = 1``: the certification network answers) with
+    the big-M constraints, ``M`` from the branches' bounds ``[l_c, u_c]``, ``[l_o, u_o]``::
+
+        s − T ≥ (l_s − T)(1 − δ),        s − T ≤ (u_s − T) δ,
+        (1 − δ)(l_o − u_c) ≤ y − c ≤ (1 − δ)(u_o − l_c),
+        δ (l_c − u_o) ≤ y − o ≤ δ (u_c − l_o).
+
+    ``δ = 1`` forces ``y = c`` and ``s ≥ T``; ``δ = 0`` forces ``y = o`` and ``s ≤ T``. At
+    ``s = T`` exactly both are allowed: a superset of the network's behaviour (sound for
+    verification; a counterexample is re-checked concretely anyway).
+    """
+    (sl, su), (cl, cu), (ol, ou) = score_bounds, chosen_bounds, other_bounds
+    if float(sl.min()) > threshold:
+        return chosen, 0
+    if float(su.max()) <= threshold:
+        return other, 0
+    n = chosen.size
+    d_index = builder.add_variables(np.zeros(1), np.ones(1), integer=exact)
+    d = Expr.variables(d_index)
+    dn = Expr.variables(np.repeat(d_index, n))
+    builder.add_constraints(score - d.scale(-(sl - threshold)), lower=sl)      # s − T ≥ (l−T)(1−δ)
+    builder.add_constraints(score - d.scale(su - threshold), upper=threshold)  # s − T ≤ (u−T)δ
+    y = Expr.variables(builder.add_variables(np.minimum(cl, ol), np.maximum(cu, ou)))
+    low_c, high_c = ol - cu, ou - cl
+    builder.add_constraints(y - chosen + dn.scale(low_c), lower=low_c)    # ≥ (1−δ)(l_o − u_c)
+    builder.add_constraints(y - chosen + dn.scale(high_c), upper=high_c)  # ≤ (1−δ)(u_o − l_c)
+    builder.add_constraints(y - other - dn.scale(cl - ou), lower=0.0)     # ≥ δ(l_c − u_o)
+    builder.add_constraints(y - other - dn.scale(cu - ol), upper=0.0)     # ≤ δ(u_c − l_o)
+    return y, 1 if exact else 0

@@ -9,6 +9,8 @@ Subcommands (``certfx SUBCOMMAND --help`` shows each one's options and an exampl
   margins) for each input of a ``.npy``/``.pt`` file.
 * ``verify MODEL (SPEC.vnnlib | --eps E --data FILE)``: the verification cascade (attack,
   bounds, input splitting, MILP), with the VNN-COMP result format (:mod:`certfx.cli_verify`).
+* ``train --dataset D --model M --method X``: certified training (:mod:`certfx.cli_train`).
+* ``ace compose|train|certify|sweep``: certify-or-predict compositions (:mod:`certfx.cli_ace`).
 
 Exit status: 0 on success; 1 when ``inspect --check`` finds a difference above the tolerance;
 2 for bad usage or input (any :class:`~certfx.errors.CertfxError`, missing files), printed as
@@ -38,6 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 import certfx
+from certfx.cli_ace import add_ace
 from certfx.cli_train import add_train
 from certfx.cli_verify import add_verify
 from certfx.errors import CertfxError
@@ -125,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bounds(sub, common)
     add_verify(sub, common, _Formatter)
     add_train(sub, common, _Formatter)
+    add_ace(sub, common, _Formatter)
     return parser
 
 

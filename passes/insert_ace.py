@@ -48,7 +48,8 @@ from certfx.errors import InvalidValueError, ShapeError
 from certfx.passes.mark_perturbed import mark_perturbed
 from certfx.passes.shape_prop import SHAPE_KEY, shape_prop
 
-__all__ = ["ACE_KEY", "Entropy", "SelectionNet", "insert_ace", "feature_node", "ace_parts"]
+__all__ = ["ACE_KEY", "Entropy", "SelectionNet", "insert_ace", "feature_node", "ace_parts",
+           "ace_subgraph"]
 
 # gm.meta[ACE_KEY]: how the graph was composed ({"select": "entropy"|"selnet", "threshold": T,
 # "score": name of the score node, "cert": name of the certification output, "core": …}).
@@ -257,3 +258,38 @@ def ace_parts(gm: fx.GraphModule) -> dict[str, Any]:
         raise InvalidValueError("this graph was not composed by insert_ace (no ACE selection "
                                 "node); build one with certfx.passes.insert_ace")
     return dict(info)
+
+
+def ace_subgraph(gm: fx.GraphModule, part: str) -> fx.GraphModule:
+    """The part ``"score"``, ``"cert"`` or ``"core"`` of a composed graph as a canonical graph of
+    its own (sharing the parameters), e.g. to bound the selection score alone (Sec. 4.2, step 2).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+        >>> ace = insert_ace(net, net, Entropy(0.5), example_input=torch.zeros(1, 2))
+        >>> score = ace_subgraph(ace, "score")
+        >>> score.meta["certfx.output_shape"]
+        (1,)
+    """
+    info = ace_parts(gm)
+    if part not in ("score", "cert", "core"):
+        raise InvalidValueError(f"part must be 'score', 'cert' or 'core', got {part!r}")
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        if n.name == info[part]:
+            graph.output(env[n])
+            break
+    graph.eliminate_dead_code()
+    sub = fx.GraphModule(gm, graph, class_name=f"ACE_{part}")
+    for old in gm.graph.nodes:
+        if old in env and env[old].graph is graph:
+            env[old].meta.update(old.meta)
+    sub.meta.update({"certfx.input_shape": tuple(gm.meta["certfx.input_shape"]),
+                     "certfx.output_shape": tuple(env[next(
+                         n for n in gm.graph.nodes if n.name == info[part])].meta[SHAPE_KEY])})
+    return sub

@@ -1,0 +1,190 @@
+"""ACE end to end (paper 000, Sec. 4.2, App. E): certification records, accuracies per threshold,
+the selection labels and network, and the `certfx ace` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from certfx.ace import AceRecords, collect, default_thresholds, sweep, write_csv
+from certfx.ace.train import selection_labels, selection_network, train_selection
+from certfx.cli import main
+from certfx.passes import Entropy, SelectionNet, insert_ace
+from certfx.verify import PGDConfig, pgd_ball
+
+
+def _nets(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    core = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+    cert = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():  # a confident certification network: varied entropies
+        cert[3].weight.mul_(6)
+    return core, cert
+
+
+def _data(n: int = 120, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 4, 4, generator=g)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def entropy_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor, AceRecords, float]:
+    core, cert = _nets()
+    x, _ = _data()
+    with torch.no_grad():
+        y = cert(x).argmax(1)  # labels the certification network gets right
+        y[::3] = core(x[::3]).argmax(1)
+        h = torch.special.entr(cert(x).softmax(1)).sum(1)
+    t = float(h.median())
+    ace = insert_ace(core, cert, Entropy(t), example_input=x[:1])
+    rec = collect(ace, x, y, eps=0.02, domain="deepz", pgd_steps=10, pgd_restarts=2)
+    return ace, x, y, rec, t
+
+
+def test_certified_implies_adversarial_implies_natural(entropy_case) -> None:
+    _, _, _, rec, t = entropy_case
+    for threshold in default_thresholds(rec):
+        d = rec.decide(threshold)
+        assert bool((d["certified"] <= d["adversarial"]).all())
+        assert bool((d["adversarial"] <= d["natural"]).all())
+    d = rec.decide(t)
+    # the threshold at the median entropy sends examples both ways, some undecided
+    assert 0 < int(d["answer_cert"].sum()) < rec.score.numel()
+    assert int((d["cert_reachable"] & d["core_reachable"]).sum()) > 0
+    assert int(d["certified"].sum()) > 0
+
+
+def test_certified_only_where_the_selection_is_proven_and_cert_certified(entropy_case) -> None:
+    _, _, _, rec, t = entropy_case
+    d = rec.decide(t)
+    sure_cert = d["cert_reachable"] & ~d["core_reachable"]
+    assert bool((d["certified"] == (sure_cert & rec.cert_certified & d["natural"])).all())
+    assert bool((~d["certified"] | d["answer_cert"]).all())  # the core is never certified
+
+
+def test_selection_certificate_holds_on_samples_and_attacks(entropy_case) -> None:
+    """Where the selection is claimed proven, no sampled point of the ball selects the other
+    branch (checked by random points, corners and PGD on the score)."""
+    ace, x, y, rec, t = entropy_case
+    from certfx.passes.insert_ace import ace_subgraph
+
+    score = ace_subgraph(ace, "score")
+    d = rec.decide(t)
+    proven = (d["cert_reachable"] ^ d["core_reachable"])
+    assert int(proven.sum()) > 0
+    eps, st = 0.02, rec.select_threshold(t)
+    xs = x[proven]
+    pts = xs.unsqueeze(1) + eps * (2 * torch.rand(xs.shape[0], 300, *xs.shape[1:]) - 1)
+    pts[:, :20] = xs.unsqueeze(1) + eps * torch.sign(torch.randn(xs.shape[0], 20, *xs.shape[1:]))
+    pts = pts.clamp(0, 1)
+    with torch.no_grad():
+        s = score(pts.flatten(0, 1)).reshape(xs.shape[0], -1)
+    selected = (s > st)
+    want = d["answer_cert"][proven].unsqueeze(1)
+    assert bool((selected == want).all())
+    # PGD pushing the score across the threshold (spec row: ±(s − t) ≤ 0 means switched)
+    sign = torch.where(d["answer_cert"][proven], 1.0, -1.0)
+    spec = sign.view(-1, 1, 1)
+    shifted = nn.Sequential(score, _Shift(st))
+    found = pgd_ball(shifted, xs, None, eps, config=PGDConfig(steps=30, restarts=2),
+                     spec=spec).found
+    assert not bool(found.any())
+
+
+class _Shift(nn.Module):
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = t
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return s - self.t
+
+
+def test_certified_examples_resist_attacks_on_the_composed_model(entropy_case) -> None:
+    ace, x, y, rec, t = entropy_case
+    d = rec.decide(t)
+    cert_idx = d["certified"]
+    found = pgd_ball(ace, x[cert_idx], y[cert_idx], 0.02,
+                     config=PGDConfig(steps=40, restarts=3)).found
+    assert not bool(found.any())
+
+
+def test_sweep_reuses_records_and_writes_csv(entropy_case, tmp_path: Path) -> None:
+    _, _, _, rec, _ = entropy_case
+    path = tmp_path / "rec.pt"
+    rec.save(str(path))
+    back = AceRecords.load(str(path))
+    ts = default_thresholds(back)
+    rows = sweep(back, ts)
+    assert rows[0].selected == 0.0 and rows[-1].selected == 1.0  # both ends covered
+    assert rows[-1].natural == back.branch("cert")["natural"]
+    assert rows[0].natural == back.branch("core")["natural"]
+    write_csv(rows, tmp_path / "s.csv")
+    lines = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert len(lines) == len(ts) and float(lines[3]["certified"]) == rows[3].certified
+
+
+def test_selection_labels_and_network() -> None:
+    _, cert = _nets()
+    x, _ = _data(200)
+    with torch.no_grad():
+        y = cert(x).argmax(1)
+        y[::2] = (y[::2] + 1) % 3  # half the labels wrong: selection must drop them
+    labels = selection_labels(cert, x, y, eps=0.001, domain="box")
+    assert labels[::2].sum() == 0 and labels[1::2].sum() > 0
+    sel = selection_network(cert, x[:1])
+    assert all(not p.requires_grad for p in sel[0].parameters())
+    before = [p.clone() for p in cert.parameters()]
+    trained = train_selection(cert, x, labels, eps=0.001, method="standard", epochs=3)
+    assert all(torch.equal(a, b) for a, b in zip(before, cert.parameters()))
+    assert trained(x).shape == (200, 2)
+    core, _ = _nets(1)
+    ace = insert_ace(core, cert, SelectionNet(0.0, network=trained), example_input=x[:1])
+    with torch.no_grad():
+        logits = trained(x)
+        want = torch.where((logits[:, 1] - logits[:, 0] > 0).unsqueeze(1), cert(x), core(x))
+    assert torch.allclose(ace(x), want, atol=1e-6)
+
+
+def _export(net: nn.Module, path: Path) -> None:
+    torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), str(path), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+                      dynamo=False)
+
+
+def test_cli_compose_certify_sweep(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    core = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    cert = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    data = tmp_path / "tiny.csv"  # 20 random 28×28 'images', label first, pixels 0..255
+    g = torch.Generator().manual_seed(0)
+    rows = [",".join(map(str, [i % 10, *torch.randint(0, 256, (784,), generator=g).tolist()]))
+            for i in range(20)]
+    data.write_text("\n".join(rows) + "\n")
+    _export(core, tmp_path / "core.onnx")
+    _export(cert, tmp_path / "cert.onnx")
+    nets = ["--core", str(tmp_path / "core.onnx"), "--cert", str(tmp_path / "cert.onnx")]
+    assert main(["ace", "compose", *nets, "--threshold", "2.0", "-o",
+                 str(tmp_path / "ace.onnx")]) == 0
+    assert (tmp_path / "ace.onnx").exists()
+    common = [*nets, "--dataset", "mnist", "--data", str(data), "--eps", "0.005",
+              "--pgd-steps", "5"]
+    assert main(["ace", "certify", *common, "--threshold", "2.2", "--records",
+                 str(tmp_path / "r.pt"), "--json", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert len(out["examples"]) == 20 and out["select"] == "entropy"
+    assert main(["ace", "sweep", "--records", str(tmp_path / "r.pt"), "--csv",
+                 str(tmp_path / "s.csv"), "--plot", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    # bad inputs: named, nothing written
+    assert main(["ace", "compose", *nets, "--select", "selnet", "--threshold", "0", "-o",
+                 str(tmp_path / "bad.onnx")]) == 2
+    assert not (tmp_path / "bad.onnx").exists()
+    assert main(["ace", "sweep", "--records", str(tmp_path / "r.pt"), "--thresholds",
+                 "1,x"]) == 2

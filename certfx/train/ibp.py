@@ -146,11 +146,14 @@ class IntervalTraining(Method):
         return loss + weight * reg
 
     def robust_terms(self, x: Tensor, y: Tensor, eps: float | Tensor, ctx: StepContext,
-                     clean: Tensor | None = None) -> LossOutput:
+                     clean: Tensor | None = None,
+                     bounds: BoundsAndActivations | None = None) -> LossOutput:
         """The (regularized, mixed) robust loss over ``B^eps(x)``; ``clean`` are the clean
-        inputs for the natural term (default ``x``)."""
+        inputs for the natural term (default ``x``); ``bounds``: this batch's box bounds if
+        the caller computed them already."""
         opts = self.options
-        bounds: BoundsAndActivations = self.box(x, y, eps)
+        if bounds is None:
+            bounds = self.box(x, y, eps)
         loss = robust_ce(bounds.margins)
         metrics = {"robust_loss": loss.item(), "box_cert": float(certified(
             bounds.margins).float().mean())}

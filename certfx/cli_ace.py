@@ -98,13 +98,15 @@ def add_ace(sub: Any, common: argparse.ArgumentParser, formatter: type) -> None:
             q.add_argument("--csv", type=Path, default=None, help="write the sweep as CSV")
             q.add_argument("--plot", type=Path, default=None,
                            help="write the natural-vs-certified plot (PNG)")
+        q.add_argument("--ace", type=Path, default=None,
+                       help="a composed model written by 'certfx ace compose' (instead of "
+                            "--core/--cert/--select/--selnet)")
         for arg in ("--core", "--cert"):
-            q.add_argument(arg, type=Path, required=name == "certify", default=None,
-                           help=f"the {arg[2:]} network (ONNX)")
+            q.add_argument(arg, type=Path, default=None, help=f"the {arg[2:]} network (ONNX)")
         q.add_argument("--select", choices=("entropy", "selnet"), default="entropy")
         q.add_argument("--selnet", type=Path, default=None)
-        q.add_argument("--threshold", type=float, default=0.0 if name == "sweep" else None,
-                       required=name == "certify", help="T (see compose)")
+        q.add_argument("--threshold", type=float, default=None,
+                       help="T (see compose; default: the one stored in --ace)")
         q.add_argument("--dataset", choices=("mnist", "cifar10", "digits"), default="mnist")
         q.add_argument("--data", type=Path, default=None)
         q.add_argument("--limit", type=int, default=None)
@@ -148,33 +150,28 @@ def _compose(args: argparse.Namespace) -> Any:
 
 
 def cmd_compose(args: argparse.Namespace, console: Console) -> int:
-    import warnings
-
     import numpy as np
 
+    from certfx.ace.onnx_io import export_ace
+
     ace = _compose(args)
-    shape = (1, *ace.meta["certfx.input_shape"])
-    x = torch.rand(8, *shape[1:])
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(ace, (x[:1],), str(tmp), input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+    x = torch.rand(8, *ace.meta["certfx.input_shape"])
+    export_ace(ace, args.output)
     try:
         import onnxruntime as ort
     except ImportError:
         note = "not checked (onnxruntime is not installed)"
     else:
-        got = ort.InferenceSession(str(tmp)).run(None, {"x": x.numpy()})[0]
+        got = ort.InferenceSession(str(args.output)).run(None, {"x": x.numpy()})[0]
         diff = float(np.abs(got - ace(x).detach().numpy()).max())
         if diff > 1e-4:
-            tmp.unlink()
+            args.output.unlink()
             raise InvalidValueError(f"the exported model differs from the composed graph by "
                                     f"{diff:.3g}; nothing was written")
         note = f"onnxruntime agrees with the composed graph (max diff {diff:.2g})"
-    os.replace(tmp, args.output)
-    console.print(f"wrote {args.output} ({args.select}, T = {args.threshold}); {note}")
+    console.print(f"wrote {args.output} ({args.select}, T = {args.threshold}); {note}; "
+                  f"'certfx ace certify --ace {args.output}' reads it back")
     return 0
 
 
@@ -216,10 +213,9 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 def _collect(args: argparse.Namespace) -> Any:
     from certfx.ace import collect
 
-    if args.eps is None or args.core is None or args.cert is None:
-        raise InvalidValueError("give --core, --cert and --eps (or --records from a certify "
-                                "run)")
-    ace = _compose(args)
+    if args.eps is None:
+        raise InvalidValueError("give --eps (or --records from a certify run)")
+    ace = _composed(args)
     x, y = _test_data(args)
     return collect(ace, x, y, args.eps, domain=args.domain, score_domain=args.score_domain,
                    pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
@@ -244,7 +240,28 @@ def _accuracy_table(rows: list[Any], records: Any, title: str) -> Table:
     return table
 
 
+def _composed(args: argparse.Namespace) -> Any:
+    """The composed graph of ``--ace FILE`` or of ``--core/--cert/--select``; sets
+    ``args.threshold`` to the stored one where none was given."""
+    if args.ace is not None:
+        from certfx.ace.onnx_io import load_ace
+
+        if args.core is not None or args.cert is not None or args.selnet is not None:
+            raise InvalidValueError("--ace replaces --core, --cert and --selnet; give either")
+        ace = load_ace(args.ace)
+        if args.threshold is None:
+            args.threshold = ace.meta["certfx.ace"]["threshold"]
+        return ace
+    if args.core is None or args.cert is None:
+        raise InvalidValueError("give --ace FILE, or --core and --cert")
+    if args.threshold is None:
+        args.threshold = 0.0 if args.select == "selnet" else 1.0
+    return _compose(args)
+
+
 def cmd_certify(args: argparse.Namespace, console: Console) -> int:
+    if args.threshold is None and args.ace is None:
+        raise InvalidValueError("give --threshold T (or --ace FILE with its stored threshold)")
     records = _collect(args)
     result = records.at(args.threshold)
     d = records.decide(args.threshold)

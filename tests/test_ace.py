@@ -130,6 +130,28 @@ def test_sweep_reuses_records_and_writes_csv(entropy_case, tmp_path: Path) -> No
     assert len(lines) == len(ts) and float(lines[3]["certified"]) == rows[3].certified
 
 
+def test_exported_onnx_runs_in_onnxruntime_and_loads_back(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from certfx.ace.onnx_io import export_ace, load_ace
+    from certfx.errors import ModelLoadError
+
+    core, cert = _nets()
+    x, _ = _data(40)
+    sel = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 1))
+    for selection in (Entropy(0.7), SelectionNet(0.05, network=sel)):
+        ace = insert_ace(core, cert, selection, example_input=x[:1])
+        export_ace(ace, tmp_path / "ace.onnx")
+        got = ort.InferenceSession(str(tmp_path / "ace.onnx")).run(None, {"x": x.numpy()})[0]
+        assert abs(got - ace(x).detach().numpy()).max() < 1e-5
+        back = load_ace(tmp_path / "ace.onnx")
+        assert torch.allclose(back(x), ace(x), atol=1e-5)
+        assert back.meta["certfx.ace"]["select"] == ace.meta["certfx.ace"]["select"]
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(core, (x[:1],), str(plain), dynamo=False)
+    with pytest.raises(ModelLoadError, match="not an ACE model"):
+        load_ace(plain)
+
+
 def test_selection_labels_and_network() -> None:
     _, cert = _nets()
     x, _ = _data(200)
@@ -139,7 +161,8 @@ def test_selection_labels_and_network() -> None:
     labels = selection_labels(cert, x, y, eps=0.001, domain="box")
     assert labels[::2].sum() == 0 and labels[1::2].sum() > 0
     sel = selection_network(cert, x[:1])
-    assert all(not p.requires_grad for p in sel[0].parameters())
+    assert all(not p.requires_grad for p in sel.features.parameters())
+    assert all(p.requires_grad for p in sel.head.parameters())
     before = [p.clone() for p in cert.parameters()]
     trained = train_selection(cert, x, labels, eps=0.001, method="standard", epochs=3)
     assert all(torch.equal(a, b) for a, b in zip(before, cert.parameters()))
@@ -179,6 +202,13 @@ def test_cli_compose_certify_sweep(tmp_path: Path) -> None:
                  str(tmp_path / "r.pt"), "--json", str(tmp_path / "r.json")]) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert len(out["examples"]) == 20 and out["select"] == "entropy"
+    # the composed ONNX file reads back as the same ACE model: same certification results
+    data_args = ["--dataset", "mnist", "--data", str(data), "--eps", "0.005", "--pgd-steps", "5"]
+    assert main(["ace", "certify", "--ace", str(tmp_path / "ace.onnx"), *data_args,
+                 "--threshold", "2.2", "--json", str(tmp_path / "r2.json")]) == 0
+    again = json.loads((tmp_path / "r2.json").read_text())
+    assert [e["branch"] for e in again["examples"]] == [e["branch"] for e in out["examples"]]
+    assert again["result"]["certified"] == out["result"]["certified"]
     assert main(["ace", "sweep", "--records", str(tmp_path / "r.pt"), "--csv",
                  str(tmp_path / "s.csv"), "--plot", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 1000

@@ -73,35 +73,41 @@ def selection_labels(cert: Any, x: Tensor, y: Tensor, eps: float, domain: str = 
     return torch.cat(labels)
 
 
-class _Features(nn.Module):
-    """A frozen copy of a network's feature extractor (up to its feature node), flattened."""
-
-    def __init__(self, extractor: fx.GraphModule):
-        super().__init__()
-        self.extractor = extractor
-        for p in self.extractor.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.extractor(x).flatten(1)
-
-
-def selection_network(cert: Any, example_input: Tensor, at: str | None = None) -> nn.Sequential:
-    """``Linear(features, 2)`` on a frozen copy of ``cert``'s features (the input of its last
-    linear layer, or the node ``at``)."""
+def selection_network(cert: Any, example_input: Tensor, at: str | None = None) -> fx.GraphModule:
+    """A canonical graph: a frozen copy of ``cert``'s features (the input of its last linear
+    layer, or the node ``at``), flattened, then a trainable ``Linear(features, 2)``."""
     import certfx
-    from certfx.passes import split
-    from certfx.passes.insert_ace import feature_node
+    from certfx import ops
+    from certfx.passes.insert_ace import _Composer, feature_node
+    from certfx.passes.mark_perturbed import mark_perturbed
+    from certfx.passes.shape_prop import SHAPE_KEY, shape_prop
 
     gm = copy.deepcopy(certfx.load(cert, example_input))
+    for p in gm.parameters():
+        p.requires_grad_(False)
     node = feature_node(gm, at)
-    if node.op == "placeholder":
-        extractor: nn.Module = nn.Flatten()
-    else:
-        extractor = _Features(split(gm, at=node.name).extractor)
-    with torch.no_grad():
-        width = extractor(example_input[:1]).flatten(1).shape[1]
-    return nn.Sequential(extractor, nn.Linear(width, 2))
+    # Make the feature node the copy's output, so that inlining stops there.
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (node,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    c = _Composer()
+    feat, _ = c.inline(gm, "features")
+    shape = tuple(gm.meta["certfx.input_shape"]) if node.op == "placeholder" else \
+        tuple(node.meta[SHAPE_KEY])
+    width = 1
+    for d in shape:
+        width *= int(d)
+    if len(shape) != 1:
+        feat = c.graph.call_function(ops.reshape, (feat, (width,)))
+    c.root.add_module("head", nn.Linear(width, 2))
+    logits = c.graph.call_function(ops.linear, (feat, c.parameter_node("head.weight"),
+                                                c.parameter_node("head.bias")))
+    c.graph.output(logits)
+    sel = fx.GraphModule(c.root, c.graph, class_name="SelectionNet")
+    sel.meta.update({"certfx.input_shape": tuple(gm.meta["certfx.input_shape"]),
+                     "certfx.output_shape": (2,)})
+    return mark_perturbed(shape_prop(sel))
 
 
 def train_selection(cert: Any, x: Tensor, labels: Tensor, eps: float, method: str = "ibp",

@@ -58,6 +58,9 @@ class CertifiedModule(nn.Module):
         self.input_shape: tuple[int, ...] = tuple(network.meta["certfx.input_shape"])
         self.output_shape: tuple[int, ...] = tuple(network.meta["certfx.output_shape"])
         self.num_outputs = math.prod(self.output_shape)
+        # Back-substitution modules also take the ℓ2 ball of an L2Ball/LpBall input spec.
+        self.takes_ball = any(n.op == "placeholder" and n.name == "ball"
+                              for n in bounds.graph.nodes)
 
     @property
     def code(self) -> str:
@@ -78,12 +81,23 @@ class CertifiedModule(nn.Module):
     def input_bounds(self, x: Tensor, eps: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The input set's elementwise bounds around ``x`` (``eps`` overrides a ball's radius)."""
         self._check_input(x, finite=False)  # the input spec checks the values itself
+        return self._spec(eps).bounds(x)
+
+    def _spec(self, eps: float | Tensor | None) -> InputSpec:
         spec = self.input_spec
         if eps is not None:
-            if not isinstance(spec, LinfBall):
-                raise TypeError("eps can only be overridden for an LinfBall input spec")
+            if not hasattr(spec, "with_eps"):
+                raise TypeError("eps can only be overridden for a ball input spec (LinfBall, "
+                                "L2Ball, LpBall)")
             spec = spec.with_eps(eps)
-        return spec.bounds(x)
+        return spec
+
+    def _ball_kwargs(self, x: Tensor, eps: float | Tensor | None) -> dict[str, Any]:
+        """``ball=(center, radius)`` for modules that take it, with an ℓ2/ℓp input spec."""
+        spec = self._spec(eps)
+        if self.takes_ball and hasattr(spec, "ball"):
+            return {"ball": spec.ball(x)}
+        return {}
 
     def certified_forward(self, x: Tensor, y: Tensor | None = None,
                           eps: float | Tensor | None = None) -> Any:
@@ -95,16 +109,17 @@ class CertifiedModule(nn.Module):
             eps: optional radius overriding the ``LinfBall``'s (e.g. for ε-annealing).
         """
         lo, hi = self.input_bounds(x, eps)
+        ball = self._ball_kwargs(x, eps)
         if y is None:
-            return self.bounds(lo, hi)
+            return self.bounds(lo, hi, **ball)
         spec = self.output_spec.matrix(y.to(x.device) if isinstance(y, Tensor) else
                                        torch.as_tensor(y, device=x.device),
                                        self.num_outputs, dtype=x.dtype)
         if spec.shape[0] != x.shape[0]:
             raise ShapeError(f"{spec.shape[0]} labels for a batch of {x.shape[0]} inputs")
         if self.bounds.meta.get(LOWER_ONLY_KEY):  # skip the upper bounds nobody reads
-            return self.bounds(lo, hi, spec, bound_upper=False).lower
-        return self.bounds(lo, hi, spec).lower
+            return self.bounds(lo, hi, spec, bound_upper=False, **ball).lower
+        return self.bounds(lo, hi, spec, **ball).lower
 
     def _check_input(self, x: Tensor, finite: bool = True) -> None:
         if not isinstance(x, Tensor):

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from certfx.errors import InvalidValueError, ShapeError, SpecError
 
-__all__ = ["InputSpec", "LinfBall", "Box", "Margin", "Conjunction", "UnsafeRegion", "Property",
-           "check_finite"]
+__all__ = ["InputSpec", "LinfBall", "L2Ball", "LpBall", "Box", "Margin", "Conjunction",
+           "UnsafeRegion", "Property", "check_finite", "circumscribing_l2_radius"]
 
 
 def check_finite(t: Tensor, what: str) -> None:
@@ -94,6 +94,108 @@ class LinfBall(InputSpec):
             return lo, hi
         lower, upper = (_as_range(v, x) for v in (self.lower, self.upper))
         return lo.clamp(lower, upper), hi.clamp(lower, upper)
+
+
+def _check_radius(eps: float | Tensor) -> None:
+    value = torch.as_tensor(eps, dtype=torch.float64)
+    if bool(torch.isnan(value).any()):
+        raise InvalidValueError("eps is NaN; pass a finite radius >= 0")
+    if bool((value < 0).any()):
+        raise InvalidValueError(f"eps must be >= 0, got {float(value.min())}; pass a radius >= 0")
+    if bool(torch.isinf(value).any()):
+        raise InvalidValueError("eps is infinite; pass a finite radius")
+
+
+@dataclass(frozen=True)
+class L2Ball(InputSpec):
+    """The ℓ2 ball ``{x' : ‖x' − x‖₂ ≤ eps}`` intersected with ``[lower, upper]``.
+
+    ``bounds(x)`` is the circumscribing box ``x ± eps`` (clipped), which every domain can use
+    soundly; domains that know the ball (back-substitution, by the dual norm: ``min ⟨A, x'⟩ ≥
+    ⟨A, x⟩ − eps‖A‖₂``; BCP) also read :meth:`ball`. ``eps`` is a float or one radius per example
+    ``(B,)``.
+
+    Example:
+        >>> ball = L2Ball(0.5)
+        >>> lo, hi = ball.bounds(torch.tensor([[0.25, 0.75]]))
+        >>> lo.tolist(), hi.tolist()
+        ([[0.0, 0.25]], [[0.75, 1.0]])
+        >>> center, radius = ball.ball(torch.tensor([[0.25, 0.75]]))
+        >>> radius.tolist()
+        [0.5]
+    """
+
+    eps: float | Tensor
+    lower: float | Tensor | None = 0.0
+    upper: float | Tensor | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check_radius(self.eps)
+        if isinstance(self.eps, Tensor) and self.eps.dim() > 1:
+            raise ShapeError(f"L2Ball eps is a float or one radius per example (B,), got shape "
+                             f"{tuple(self.eps.shape)}")
+        LinfBall(0.0, self.lower, self.upper)  # the same checks of the valid range
+
+    def with_eps(self, eps: float | Tensor) -> L2Ball:
+        return L2Ball(eps, self.lower, self.upper)
+
+    def ball(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(center, radius)``: ``x`` and the radius per example ``(B,)``."""
+        check_finite(x, "input x")
+        eps = torch.as_tensor(self.eps, dtype=x.dtype, device=x.device)
+        return x, eps.expand(x.shape[0]) if eps.dim() == 0 else eps
+
+    def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _, eps = self.ball(x)
+        return LinfBall(eps.view(-1, *[1] * (x.dim() - 1)), self.lower, self.upper).bounds(x)
+
+
+def circumscribing_l2_radius(eps: float, p: float, dim: int) -> float:
+    """The radius of the smallest ℓ2 ball containing the ℓp ball of radius ``eps`` in ``dim``
+    dimensions (thesis Sec. 3.2's extension to ℓp): ``eps`` for ``p ≤ 2`` (the ℓp ball lies in
+    the ℓ2 ball of the same radius) and ``eps·dim^(1/2 − 1/p)`` for ``p > 2`` (Hölder).
+
+    Example:
+        >>> round(circumscribing_l2_radius(0.1, math.inf, 784), 6)   # the corner of the ℓ∞ ball
+        2.8
+        >>> circumscribing_l2_radius(1.0, 1, 10)
+        1.0
+    """
+    if not p >= 1:
+        raise InvalidValueError(f"p must be >= 1 (an ℓp norm), got {p}")
+    if dim < 1:
+        raise InvalidValueError(f"dim must be >= 1, got {dim}")
+    if p <= 2:
+        return float(eps)
+    exponent = 0.5 if math.isinf(p) else 0.5 - 1.0 / p
+    return float(eps) * dim ** exponent
+
+
+@dataclass(frozen=True)
+class LpBall(InputSpec):
+    """The ℓp ball (``p ≥ 1``) intersected with ``[lower, upper]``, bounded by its circumscribing
+    ℓ2 ball (:func:`circumscribing_l2_radius`) and its circumscribing box — both sound, so every
+    domain that takes an :class:`L2Ball` takes it."""
+
+    eps: float
+    p: float
+    lower: float | Tensor | None = 0.0
+    upper: float | Tensor | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check_radius(self.eps)
+        circumscribing_l2_radius(self.eps, self.p, 1)
+
+    def with_eps(self, eps: float | Tensor) -> LpBall:
+        return LpBall(float(eps), self.p, self.lower, self.upper)
+
+    def ball(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        r = circumscribing_l2_radius(self.eps, self.p, math.prod(x.shape[1:]))
+        return L2Ball(r, self.lower, self.upper).ball(x)
+
+    def bounds(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # every coordinate of an ℓp ball (p ≥ 1) moves by at most eps
+        return LinfBall(self.eps, self.lower, self.upper).bounds(x)
 
 
 @dataclass(frozen=True)

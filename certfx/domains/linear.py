@@ -45,6 +45,7 @@ __all__ = [
     "Slopes",
     "lin_slopes",
     "lin_input",
+    "BallBox",
     "lin_identity",
     "lin_output_start",
     "lin_add",
@@ -146,9 +147,25 @@ def lin_slopes(slopes: Slopes | None, default: Slopes) -> Slopes:
     return default if slopes is None else slopes
 
 
-def lin_input(lower: Tensor, upper: Tensor) -> Interval:
-    """The input set: the box ``[lower, upper]``, concretized by :func:`lin_concretize`."""
-    return Interval(lower, upper)
+@dataclass(frozen=True)
+class BallBox(Interval):
+    """An input set that lies in both the box ``[lower, upper]`` and the ℓ2 ball
+    ``‖x − ball_center‖₂ ≤ ball_radius`` (``ball_radius`` per example, ``(B,)``): e.g. an ℓ2
+    ball clipped to the valid range. Every rule that reads it as an :class:`Interval` (its
+    circumscribing box) is sound; :func:`lin_concretize` also uses the ball."""
+
+    ball_center: Tensor = None  # type: ignore[assignment]
+    ball_radius: Tensor = None  # type: ignore[assignment]
+
+
+def lin_input(lower: Tensor, upper: Tensor,
+              ball: tuple[Tensor, Tensor] | None = None) -> Interval:
+    """The input set: the box ``[lower, upper]``, or with ``ball = (center, radius)`` the
+    :class:`BallBox` of box and ℓ2 ball, concretized by :func:`lin_concretize`."""
+    if ball is None:
+        return Interval(lower, upper)
+    center, radius = ball
+    return BallBox(lower, upper, center, torch.as_tensor(radius).to(lower).reshape(-1))
 
 
 def lin_identity(like: Tensor, shape: tuple[int, ...], bound_upper: bool = True
@@ -195,8 +212,10 @@ def lin_concretize(a: LinearBounds, box: Interval) -> Tensor:
     """The lowest value of every row over the input set: ``(batch, R)``.
 
     For the ℓ∞ box ``c ± r``: ``min_z ⟨A, z⟩ + b = ⟨A, c⟩ − ⟨|A|, r⟩ + b`` (CROWN, Zhang et
-    al. 2018, Thm. 3.2 with q = ∞; Hölder's inequality). This is the only place that knows the
-    input set's shape; an ℓ2 ball would use ``⟨A, c⟩ − ε‖A‖₂ + b`` here.
+    al. 2018, Thm. 3.2 with q = ∞; Hölder's inequality). For a :class:`BallBox` the ℓ2 ball's
+    value ``⟨A, x⟩ − ε‖A‖₂ + b`` (Thm. 3.2 with q = 2, the dual norm; thesis Sec. 3.2) is a second
+    lower bound, and the larger of the two holds. This is the only place that knows the input
+    set's shape.
     """
     center, radius = box.center_radius()
     coef = a.coef.flatten(2)
@@ -206,6 +225,10 @@ def lin_concretize(a: LinearBounds, box: Interval) -> Tensor:
     spread = [rowdot(coef[:, i:i + step].abs(), radius) for i in range(0, coef.shape[1], step)]
     value = rowdot(coef, center.flatten(1)) - (torch.cat(spread, 1) if len(spread) > 1
                                                else spread[0])
+    if isinstance(box, BallBox):
+        by_ball = rowdot(coef, box.ball_center.flatten(1)) - \
+            box.ball_radius.unsqueeze(1) * coef.norm(dim=2)
+        value = torch.maximum(value, by_ball)
     return value + a.bias
 
 

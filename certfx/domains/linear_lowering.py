@@ -202,8 +202,10 @@ class _Emitter:
         self.spec = next((self.env[p] for p in placeholders[1:] if p.name == "spec"), None)
         given = self.g.placeholder("slopes", default_value=None)
         self.bound_upper = self.g.placeholder("bound_upper", default_value=True)
+        # an ℓ2 ball (center, radius) the input set also lies in (L2Ball input specs)
+        self.ball = self.g.placeholder("ball", default_value=None)
         self.slopes = self._call(lin_slopes, (given, slopes), "slopes")
-        self.box = self._call(lin_input, (self.lower, self.upper), "x")
+        self.box = self._call(lin_input, (self.lower, self.upper, self.ball), "x")
         self.bounds[self.input] = self.box
 
     # -- small helpers --------------------------------------------------------------------

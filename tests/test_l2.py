@@ -1,0 +1,123 @@
+"""ℓ2 input sets (thesis Sec. 3.2): L2Ball / LpBall specs, dual-norm concretization in the
+back-substitution domains, soundness by sampling (surface included) and ℓ2 PGD."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import certfx
+from certfx.errors import InvalidValueError
+from certfx.specs import L2Ball, LpBall, circumscribing_l2_radius
+from certfx.verify import PGDConfig, pgd_ball
+from certfx.verify.attacks import Norm
+
+DOMAINS = ["box", "deepz", "deeppoly", "crown", "crown-ibp", "alpha-crown"]
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(),
+                         nn.Linear(20, 4))
+
+
+def _cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=1, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 2 * 2, 4))
+
+
+def ball_samples(x: torch.Tensor, eps: float, n: int, surface: int) -> torch.Tensor:
+    """Points of the ℓ2 ball around each ``x`` (``surface`` of them on the sphere), clipped to
+    [0, 1] — clipping towards a centre inside the box never leaves the ball."""
+    b, shape = x.shape[0], x.shape[1:]
+    d = math.prod(shape)
+    u = torch.randn(b, n, d, dtype=x.dtype)
+    u = u / u.norm(dim=2, keepdim=True)
+    r = torch.rand(b, n, 1, dtype=x.dtype) ** (1.0 / d)
+    r[:, :surface] = 1.0
+    pts = x.reshape(b, 1, d) + eps * r * u
+    return pts.clamp(0, 1).reshape(b, n, *shape)
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_domain_is_sound_on_the_l2_ball(make, dtype) -> None:
+    net = make().to(dtype)
+    x = torch.rand(6, 1, 4, 4, dtype=dtype)
+    eps = 0.6
+    pts = ball_samples(x, eps, 3000, 500)
+    with torch.no_grad():
+        out = net(pts.flatten(0, 1)).reshape(6, -1, 4)
+    y = out[:, 0].argmax(1)
+    # PGD in the ℓ2 ball adds maximizers of each logit difference
+    adv = pgd_ball(net, x, y, eps, norm=Norm.L2, config=PGDConfig(steps=40, restarts=2)).x_adv
+    tol = 1e-5 if dtype is torch.float32 else 1e-9
+    for domain in DOMAINS:
+        cm = certfx.compile(net, domain, input_spec=L2Ball(eps), example_input=x[:1])
+        with torch.no_grad():
+            lo, hi = cm.certified_forward(x)
+            assert bool((out >= lo.unsqueeze(1) - tol).all()), domain
+            assert bool((out <= hi.unsqueeze(1) + tol).all()), domain
+            if adv is not None:
+                z = net(adv)
+                assert bool((z >= lo - tol).all() and (z <= hi + tol).all()), domain
+
+
+def test_the_dual_norm_tightens_back_substitution() -> None:
+    """At a radius far below the box's corner distance, ‖A‖₂ε beats the circumscribing box."""
+    net = _mlp().double()
+    x = torch.rand(8, 1, 4, 4, dtype=torch.float64) * 0.5 + 0.25
+    via_ball = certfx.compile(net, "crown", input_spec=L2Ball(0.2), example_input=x[:1])
+    via_box = certfx.compile(net, "crown", input_spec=certfx.LinfBall(0.2), example_input=x[:1])
+    with torch.no_grad():
+        lo_b, hi_b = via_ball.certified_forward(x)
+        lo_x, hi_x = via_box.certified_forward(x)
+    assert bool((hi_b - lo_b <= hi_x - lo_x + 1e-12).all())
+    assert float((hi_b - lo_b).mean()) < 0.8 * float((hi_x - lo_x).mean())
+
+
+def test_affine_network_is_exact_under_the_dual_norm() -> None:
+    """For z = w·x + b over an unclipped ℓ2 ball the range is w·x ± ε‖w‖₂ exactly."""
+    net = nn.Linear(5, 1).double()
+    x = torch.rand(3, 5, dtype=torch.float64)
+    cm = certfx.compile(net, "crown", input_spec=L2Ball(0.3, lower=None, upper=None),
+                        example_input=x[:1])
+    with torch.no_grad():
+        lo, hi = cm.certified_forward(x)
+        mid, r = net(x), 0.3 * net.weight.norm()
+    assert torch.allclose(lo, mid - r) and torch.allclose(hi, mid + r)
+
+
+def test_margins_and_eps_override() -> None:
+    net = _mlp()
+    x = torch.rand(4, 1, 4, 4)
+    y = net(x).argmax(1)
+    cm = certfx.compile(net, "crown", input_spec=L2Ball(1.0), example_input=x[:1])
+    with torch.no_grad():
+        small = cm.certified_forward(x, y, eps=0.01)
+        large = cm.certified_forward(x, y, eps=torch.full((4,), 1.0))
+    assert bool((small >= large - 1e-6).all()) and bool((small > 0).all())
+
+
+def test_lp_balls_and_bad_radii() -> None:
+    assert circumscribing_l2_radius(0.1, math.inf, 100) == pytest.approx(1.0)
+    assert circumscribing_l2_radius(0.5, 4, 16) == pytest.approx(0.5 * 16 ** 0.25)
+    assert circumscribing_l2_radius(0.5, 1.5, 16) == 0.5
+    net = _mlp()
+    x = torch.rand(2, 1, 4, 4)
+    lp = certfx.compile(net, "crown", input_spec=LpBall(0.05, math.inf), example_input=x[:1])
+    linf = certfx.compile(net, "crown", input_spec=certfx.LinfBall(0.05), example_input=x[:1])
+    with torch.no_grad():
+        a, b = lp.certified_forward(x), linf.certified_forward(x)
+    # the ℓ∞ ball's circumscribing ℓ2 ball is looser than its box: the box bound decides
+    assert torch.allclose(a.lower, b.lower) and torch.allclose(a.upper, b.upper)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(InvalidValueError):
+            L2Ball(bad)
+    with pytest.raises(InvalidValueError):
+        LpBall(0.1, 0.5)

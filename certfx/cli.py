@@ -144,8 +144,12 @@ def _domain_arg(p: argparse.ArgumentParser) -> None:
 
 def _input_set_args(p: argparse.ArgumentParser, eps_required: bool) -> None:
     p.add_argument("--eps", type=float, required=eps_required, default=None if eps_required
-                   else 0.0, help="radius of the L-inf ball around each input, in input (pixel) "
+                   else 0.0, help="radius of the ball around each input, in input (pixel) "
                                   "space" + ("" if eps_required else " (default: %(default)s)"))
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf",
+                   help="the ball's norm (default: %(default)s); for l2 every domain bounds "
+                        "the circumscribing box and back-substitution domains also the ball "
+                        "itself (dual norm)")
     p.add_argument("--lower", type=float, default=0.0,
                    help="smallest valid input value; the ball is clipped to it "
                         "(default: %(default)s)")
@@ -312,9 +316,14 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
+def _input_spec(args: argparse.Namespace) -> certfx.specs.InputSpec:
+    """The ball of ``--eps``/``--norm``, clipped to ``[--lower, --upper]`` (validated)."""
+    ball = certfx.specs.L2Ball if getattr(args, "norm", "linf") == "l2" else certfx.LinfBall
+    return ball(args.eps, args.lower, args.upper)
+
+
 def _compile(args: argparse.Namespace, gm: fx.GraphModule) -> certfx.CertifiedModule:
-    spec = certfx.LinfBall(args.eps, args.lower, args.upper)
-    return certfx.compile(gm, domain=args.domain, input_spec=spec)
+    return certfx.compile(gm, domain=args.domain, input_spec=_input_spec(args))
 
 
 def cmd_compile(args: argparse.Namespace, console: Console) -> int:
@@ -359,7 +368,7 @@ def cmd_bounds(args: argparse.Namespace, console: Console) -> int:
 
     if args.batch_size < 1:
         raise CertfxError("--batch-size must be >= 1")
-    spec = certfx.LinfBall(args.eps, args.lower, args.upper)  # validates eps and the range
+    spec = _input_spec(args)  # validates eps and the range
     gm = _load(args.model)
     dtype = next((t.dtype for t in gm.state_dict().values() if t.is_floating_point()),
                  torch.float32)

@@ -559,5 +559,6 @@ def ace_select(score: Tensor, chosen: Tensor, other: Tensor, threshold: float) -
         >>> ace_select(s, torch.ones(2, 2), torch.zeros(2, 2), 0.0).tolist()
         [[1.0, 1.0], [0.0, 0.0]]
     """
-    selected = (score > threshold).reshape(score.shape[0], *[1] * (chosen.dim() - 1))
+    ndim = max(torch.as_tensor(chosen).dim(), torch.as_tensor(other).dim())
+    selected = (score > threshold).reshape(score.shape[0], *[1] * (ndim - 1))
     return torch.where(selected, chosen, other)

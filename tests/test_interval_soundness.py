@@ -86,6 +86,10 @@ CASES: dict[Callable[..., Any], list[Callable[[], tuple]]] = {
     ops.product: [lambda: (P(B, 2, 5), P(B, 2, 5)), lambda: (P(B, 2, 5), P(B, 2, 1)),
                   lambda: (P(B, 4), _c(4))],
     ops.softmax_entropy: [lambda: (P(B, 5),)],
+    # ACE's selection: random score boxes give decided and undecided examples
+    ops.ace_select: [lambda: (P(B, 1), P(B, 4), P(B, 4), 0.0),
+                     lambda: (P(B, 1), P(B, 2, 3), P(B, 2, 3), 0.5),
+                     lambda: (P(B, 1), _c(4), P(B, 4), -0.5)],
 }
 
 

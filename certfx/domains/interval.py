@@ -42,6 +42,7 @@ from certfx.domains.base import Domain, Rule, register_domain
 from certfx.ops import OpTraits
 
 __all__ = ["Interval", "box_input", "box_product", "box_softmax_entropy", "entropy_shift",
+           "entropy_range",
            "box_ace_select", "SelectionDecision", "selection_decision", "BOX"]
 
 
@@ -199,13 +200,15 @@ def entropy_shift(x: Interval) -> Tensor:
 
 
 @BOX.rule(ops.softmax_entropy)
-def box_softmax_entropy(x: Interval) -> Interval:
+def box_softmax_entropy(x: Interval, within_range: bool = True) -> Interval:
     """Interval arithmetic on Eq. 5 of paper 000 (logits ``(batch, n)`` → ``(batch, 1)``)::
 
         H = c + L − Σ_j y_j·p_j,   L = log Σ_i e^{y_i − c},   p_j = e^{y_j − c − L}
 
     with monotone exp/log, interval subtraction and the corner product for ``y_j·p_j``; the
     exponent of ``p_j`` is ``log p_j ≤ 0``, so its upper bound is capped at 0 (``p_j ≤ 1``).
+    With ``within_range`` the result is met with ``[0, log n]`` (:func:`entropy_range`); a
+    training loss passes ``False``, as the meet has no gradient where it cuts.
     """
     c = entropy_shift(x)
     lse = Interval(torch.log(torch.exp(x.lower - c).sum(1, keepdim=True)),
@@ -213,8 +216,16 @@ def box_softmax_entropy(x: Interval) -> Interval:
     probs = Interval(torch.exp(x.lower - c - lse.upper),
                      torch.exp((x.upper - c - lse.lower).clamp_max(0.0)))
     terms = box_product(x, probs)
-    return Interval(c + lse.lower - terms.upper.sum(1, keepdim=True),
-                    c + lse.upper - terms.lower.sum(1, keepdim=True))
+    h = Interval(c + lse.lower - terms.upper.sum(1, keepdim=True),
+                 c + lse.upper - terms.lower.sum(1, keepdim=True))
+    return entropy_range(h, x.lower.shape[1]) if within_range else h
+
+
+def entropy_range(h: Interval, n: int) -> Interval:
+    """``h`` met with ``[0, log n]``, where every entropy of ``n`` outcomes lies (sound for any
+    transformer's result; ACE's chains of transformers can overshoot ``log n``)."""
+    top = math.log(n)
+    return Interval(h.lower.clamp(0.0, top), h.upper.clamp(0.0, top))
 
 
 @dataclass(frozen=True)

@@ -431,7 +431,9 @@ def relax_ace_select(score: Interval | Tensor, chosen: Interval | Tensor,
         return (m * one).unsqueeze(1)
 
     def const(v: Interval | Tensor) -> Tensor | None:
-        return None if isinstance(v, Interval) else torch.as_tensor(v).unsqueeze(1)
+        if isinstance(v, Interval):
+            return None
+        return torch.as_tensor(v).to(hull.lower).expand_as(hull.lower).unsqueeze(1)
 
     return SelectRelaxation(
         mask(d.selected), mask(d.rejected),

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from certfx import ops
-from certfx.domains.interval import (Interval, box_product, box_softmax_entropy, entropy_shift,
-                                     selection_decision)
+from certfx.domains.interval import (Interval, box_product, box_softmax_entropy, entropy_range,
+                                     entropy_shift, selection_decision)
 from certfx.domains.zonotope import DEEPZ, Zonotope, align, extend, relax
 
 __all__ = ["deepz_max_pool", "deepz_product", "deepz_softmax_entropy", "entropy_bounds",
@@ -165,7 +165,16 @@ def deepz_softmax_entropy(x: Zonotope) -> Zonotope:
     q = _product(x, p, box, p_box)
     blocks, (g_lse, g_q) = align(lse, q)
     center = c + lse.center - q.center.sum(1, keepdim=True)
-    return Zonotope(center, g_lse - g_q.sum(2, keepdim=True), blocks, x.options)
+    h = Zonotope(center, g_lse - g_q.sum(2, keepdim=True), blocks, x.options)
+    # Every entropy of n outcomes lies in [0, log n]: where the chain overshoots, the met box
+    # as a fresh term (per example; the others keep their affine form).
+    met = entropy_range(h.concretize(), x.center.shape[1])
+    over = (met.lower > h.lower) | (met.upper < h.upper)
+    if not bool(over.any()):
+        return h
+    return extend(torch.where(over, met.center, h.center),
+                  torch.where(over.unsqueeze(1), 0.0, h.generators), h.blocks,
+                  torch.where(over, met.radius, 0.0), "entropy_range", x.options)
 
 
 def entropy_bounds(x: Zonotope | Interval) -> Zonotope | Interval:

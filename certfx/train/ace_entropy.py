@@ -88,7 +88,7 @@ class AceEntropy(IntervalTraining):
         if opts.entropy_weight == 0 or ctx.epoch < opts.pretrain * total:
             return out
         lower, upper = self.logits_box.certified_forward(x, eps=ctx.eps)
-        entropy = box_softmax_entropy(Interval(lower, upper))
+        entropy = box_softmax_entropy(Interval(lower, upper), within_range=False)
         selected = certified(bounds.margins).detach()  # y_s: certified by IBP at this step
         l_h = entropy_loss(entropy, selected)
         out.metrics.update(entropy_loss=l_h.item(), selected=float(selected.float().mean()))

@@ -70,7 +70,10 @@ def lower(domain: str, options: Any = None) -> GraphPass:
         for extra in placeholders[1:]:
             env[extra] = graph.placeholder(extra.name, default_value=extra.meta.get(
                 "certfx.default", None))
-        env[placeholders[0]] = graph.call_function(dom.input_rule, (lo, hi), input_kwargs)
+        kwargs = dict(input_kwargs)
+        if dom.ball_input:  # the ℓ2 ball of an L2Ball input spec, when there is one
+            kwargs["ball"] = graph.placeholder("ball", default_value=None)
+        env[placeholders[0]] = graph.call_function(dom.input_rule, (lo, hi), kwargs)
         env[placeholders[0]].name = "x"  # keep the generated code's names readable
         for n in gm.graph.nodes:
             if n.op == "placeholder":

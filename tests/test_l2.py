@@ -121,3 +121,104 @@ def test_lp_balls_and_bad_radii() -> None:
             L2Ball(bad)
     with pytest.raises(InvalidValueError):
         LpBall(0.1, 0.5)
+
+
+# ---- BCP (thesis Sec. 3.2) ---------------------------------------------------------------------
+
+def _pgd_ball_box_min(c, center, rho, lo, hi, steps=4000):
+    """min cᵀζ over the ball ∩ box by projected gradient with alternating projections (Dykstra's
+    algorithm onto the intersection), in float64 — an independent reference."""
+    from torch.nn.functional import normalize  # noqa: F401
+
+    z = center.clone()
+    for t in range(steps):
+        z = z - (0.5 / (1 + t) ** 0.5) * c
+        # Dykstra: project onto the intersection of the two convex sets
+        p, q = torch.zeros_like(z), torch.zeros_like(z)
+        y = z
+        for _ in range(50):
+            a = y + p
+            d = a - center
+            n = d.norm(dim=-1, keepdim=True)
+            yb = center + d * torch.clamp(rho.view(-1, 1) / n.clamp_min(1e-30), max=1.0)
+            p = a - yb
+            b_ = yb + q
+            y = torch.minimum(torch.maximum(b_, lo), hi)
+            q = b_ - y
+        z = y
+    return (c * z).sum(-1)
+
+
+def test_ball_box_min_equals_an_independent_solver_and_terminates_early() -> None:
+    from certfx.domains.interval import Interval
+    from certfx.domains.lipschitz import ball_box_min
+
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 8, 20):
+        b = 5
+        c = torch.randn(b, 1, n, generator=g, dtype=torch.float64)
+        center = torch.randn(b, n, generator=g, dtype=torch.float64)
+        rho = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
+        r_lo = torch.rand(b, n, generator=g, dtype=torch.float64) * rho.view(-1, 1)
+        r_hi = torch.rand(b, n, generator=g, dtype=torch.float64) * rho.view(-1, 1)
+        lo, hi = center - r_lo, center + r_hi  # the centre lies in the box
+        value, iters, ok = ball_box_min(c, center, rho, Interval(lo, hi))
+        assert bool(ok.all())
+        # Prop. 3.2.1: fewer passes than n — except when the whole box lies in the ball, where
+        # every coordinate ends clamped (the box's corner) and the last pass clamps the n-th
+        box_min = (c[:, 0].clamp(min=0) * lo + c[:, 0].clamp(max=0) * hi).sum(-1)
+        assert int(iters.max()) <= n
+        assert bool((iters[:, 0][value[:, 0] > box_min + 1e-9] < n).all())
+        ref = _pgd_ball_box_min(c[:, 0], center, rho, lo, hi)
+        assert torch.allclose(value[:, 0], ref, atol=1e-4), (value[:, 0], ref)
+        # a binding box: the intersection's minimum is above the ball's own
+        assert bool((value[:, 0] >= center.mul(c[:, 0]).sum(-1) - rho * c[:, 0].norm(dim=-1)
+                     - 1e-12).all())
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+def test_bcp_is_sound_and_beats_the_global_lipschitz_bound(make) -> None:
+    net = make().double()
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    eps = 0.5
+    cm = certfx.compile(net, "bcp", input_spec=L2Ball(eps), example_input=x[:1])
+    pts = ball_samples(x, eps, 3000, 500)
+    with torch.no_grad():
+        out = net(pts.flatten(0, 1)).reshape(6, -1, 4)
+        lo, hi = cm.certified_forward(x)
+        y = net(x).argmax(1)
+        margins = cm.certified_forward(x, y)
+    assert bool((out >= lo.unsqueeze(1) - 1e-9).all() and (out <= hi.unsqueeze(1) + 1e-9).all())
+    true_margin = (out.gather(2, y.view(-1, 1, 1).expand(-1, out.shape[1], 1))
+                   - out).min(1).values  # (6, 4): sampled worst margins
+    others = torch.stack([torch.cat([true_margin[i, :y[i]], true_margin[i, y[i] + 1:]])
+                          for i in range(6)])
+    assert bool((margins <= others + 1e-9).all())
+    # the global Lipschitz margin bound: z_y − z_j − ε·Π‖W‖₂·‖w_y − w_j‖₂ (no boxes)
+    from certfx.domains.lipschitz import spectral_norm_bound
+
+    gm = certfx.load(net, x[:1])
+    lip, shape = torch.tensor(1.0, dtype=torch.float64), (1, 4, 4)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for n in nodes[:-1]:
+        if ops_affine(n.target):
+            args = tuple(getattr(gm, a.target) if hasattr(a, "op") and a.op == "get_attr"
+                         else a for a in n.args)
+            lip = lip * spectral_norm_bound(n.target, args, 0, tuple(n.args[0].meta[
+                "certfx.shape"]) if hasattr(n.args[0], "meta") else shape)
+    w = dict(net.named_parameters())[[k for k in dict(net.named_parameters()) if
+                                      k.endswith("weight")][-1]]
+    with torch.no_grad():
+        z = net(x)
+    global_margins = []
+    for i in range(6):
+        row = [float(z[i, y[i]] - z[i, j] - eps * lip * (w[y[i]] - w[j]).norm())
+               for j in range(4) if j != int(y[i])]
+        global_margins.append(row)
+    assert bool((margins >= torch.tensor(global_margins, dtype=torch.float64) - 1e-9).all())
+
+
+def ops_affine(target) -> bool:
+    from certfx import ops
+
+    return ops.is_core_op(target) and ops.traits(target).affine

@@ -59,6 +59,8 @@ class Domain:
         lowering: for domains that are not one forward rule per node (back-substitution), a
             function ``(GraphModule, options or None) -> GraphModule`` generating the whole
             bound module; ``passes.lower`` then delegates to it.
+        ball_input: the input rule also takes ``ball=(center, radius)``, the ℓ2 ball of an
+            ``L2Ball`` input spec (``lower`` adds a ``ball`` input to the generated module).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Domain:
     options: type | None = None
     rules: dict[Callable[..., Any], Rule] = field(default_factory=dict)
     lowering: Callable[[Any, Any], Any] | None = None
+    ball_input: bool = False
 
     def rule(self, *ops: Callable[..., Any]) -> Callable[[Rule], Rule]:
         """Decorator registering a rule for one or more core ops.
@@ -174,3 +177,4 @@ def _load_builtin_domains() -> None:
     import certfx.domains.interval  # noqa: F401
     import certfx.domains.zonotope  # noqa: F401
     import certfx.domains.crown  # noqa: F401
+    import certfx.domains.lipschitz  # noqa: F401

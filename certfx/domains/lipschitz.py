@@ -136,13 +136,14 @@ def spectral_norm_bound(op: Callable[..., Any], args: tuple[Any, ...], k: int,
                         in_shape: tuple[int, ...]) -> Tensor:
     """A sound upper bound on ``‖L‖₂`` for the linear part ``L`` of ``op`` in argument ``k``.
 
-    ``linear``: the exact spectral norm (largest singular value). Otherwise the bound
+    ``linear``: the spectral norm (largest singular value, raised a little against rounding).
+    Otherwise the bound
     ``‖L‖₂ ≤ √(‖L‖₁ ‖L‖∞)`` (Hölder/Schur), with the largest column and row sums of ``|L|``
     read off the op's ``abs_linear_part`` and its transpose (a vector-Jacobian product).
 
     Example:
         >>> w = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
-        >>> float(spectral_norm_bound(ops.linear, (None, w, None), 0, (2,)))
+        >>> round(float(spectral_norm_bound(ops.linear, (None, w, None), 0, (2,))), 1)
         3.0
     """
     if op is ops.linear or (op is ops.spec_linear and args[3] is None):

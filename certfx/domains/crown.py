@@ -151,7 +151,7 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
                          lower: Tensor, upper: Tensor, *extras: Any, slopes: Slopes | None,
                          default_slopes: Slopes, bound_upper: bool = True,
                          alphas: tuple[tuple[str, int | None], ...], steps: int,
-                         lr: float) -> Interval:
+                         lr: float, ball: tuple[Tensor, Tensor] | None = None) -> Interval:
     """α-CROWN's optimization loop around the generated modules (see the module docstring).
 
     Args:
@@ -164,12 +164,14 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
         alphas: ``(name, rows)`` of each slope input of ``passes`` (rows ``None``: twice the
             number of outputs).
         steps, lr: Adam's steps and learning rate.
+        ball: the ℓ2 ball ``(center, radius)`` of an ``L2Ball`` input spec, passed on.
     """
     slopes = lin_slopes(slopes, default_slopes)
     with torch.no_grad():
-        fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes)) if intermediate else ()
+        fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, ball=ball)) \
+            if intermediate else ()
         start, init = passes(lower, upper, *fixed, *extras, slopes=slopes,
-                             bound_upper=bound_upper)
+                             bound_upper=bound_upper, ball=ball)
     best_lower, best_upper = start.lower, start.upper
     if not alphas or steps == 0:
         return Interval(best_lower, best_upper)
@@ -181,7 +183,7 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
     for step in range(steps + 1):
         with torch.enable_grad():
             out, _ = passes(lower, upper, *fixed, *extras, slopes=slopes,
-                            bound_upper=bound_upper, **dict(zip(names, weights)))
+                            bound_upper=bound_upper, ball=ball, **dict(zip(names, weights)))
             if step < steps:  # maximize every lower bound, minimize every upper bound
                 loss = (out.upper.sum() if bound_upper else 0.0) - out.lower.sum()
                 grads = torch.autograd.grad(loss, weights)
@@ -223,6 +225,7 @@ def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx
               for p in list(gm.graph.nodes)[1:] if p.op == "placeholder"]
     slopes = graph.placeholder("slopes", default_value=None)  # None: options.slopes
     bound_upper = graph.placeholder("bound_upper", default_value=True)
+    ball = graph.placeholder("ball", default_value=None)  # an L2Ball's ℓ2 ball
     intermediate = (None if options.optimize_intermediate
                     else graph.get_attr("intermediate"))
     out = graph.call_function(alpha_crown_optimize,
@@ -230,7 +233,7 @@ def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx
                               {"slopes": slopes, "default_slopes": options.slopes,
                                "bound_upper": bound_upper,
                                "alphas": tuple(root.passes.meta[ALPHA_KEY]),
-                               "steps": options.steps, "lr": options.lr})
+                               "steps": options.steps, "lr": options.lr, "ball": ball})
     graph.output(out)
     graph._tracer_cls = RuleTracer
     module = fx.GraphModule(root, graph, class_name="AlphaCrownBounds")

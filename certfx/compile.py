@@ -133,6 +133,20 @@ class CertifiedModule(nn.Module):
             check_finite(x, "input x")
 
 
+def _with_l2_input(domain: str, options: Any, input_spec: InputSpec) -> Any:
+    """Domain options told that the input set is also an ℓ2 ball (``L2Ball``/``LpBall``), for
+    domains whose options have an ``l2_input`` field (back-substitution)."""
+    import dataclasses
+
+    from certfx.domains import get_domain
+
+    cls = get_domain(domain).options
+    if not hasattr(input_spec, "ball") or cls is None or "l2_input" not in {
+            f.name for f in dataclasses.fields(cls)}:
+        return options
+    return dataclasses.replace(options if options is not None else cls(), l2_input=True)
+
+
 def compile(model: Any, domain: str = "box", input_spec: InputSpec | None = None,  # noqa: A001
             output_spec: Margin | None = None, example_input: Tensor | None = None,
             dump: Any = False, domain_options: Any = None) -> CertifiedModule:
@@ -157,6 +171,7 @@ def compile(model: Any, domain: str = "box", input_spec: InputSpec | None = None
 
     canonical = load(model, example_input, dump=dump)
     input_spec = input_spec if input_spec is not None else LinfBall(0.0)
+    domain_options = _with_l2_input(domain, domain_options, input_spec)
     output_spec = output_spec if output_spec is not None else Margin()
     # fuse_spec rewrites its graph in place: work on a copy that shares the parameters.
     network = PassManager([check_support(domain), fuse_spec], dump=dump).run(

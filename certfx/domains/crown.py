@@ -106,11 +106,15 @@ class BacksubOptions:
             to compile beyond; memory ≈ 4 bytes × batch × this × a few temporaries).
         patches: intermediate passes through convolutional chains keep local coefficients
             (:mod:`~certfx.domains.linear_patches`): the same bounds, far cheaper.
+        l2_input: the input set is also an ℓ2 ball (set by ``certfx.compile`` for an
+            ``L2Ball`` input spec): intermediate bounds always get a backward pass, whose
+            dual-norm concretization the interval shortcut would miss.
     """
 
     slopes: Slopes = Slopes()
     max_coefficients: int = DEFAULT_MAX_COEFFICIENTS
     patches: bool = True
+    l2_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class AlphaCrownOptions:
         optimize_intermediate: also optimize the slopes of the intermediate bounds' backward
             passes (one set per pass), recomputing every pass at every step; slower, tighter.
         slopes: the slopes the optimization starts from (CROWN's adaptive ones by default).
-        max_coefficients: as in :class:`BacksubOptions`.
+        max_coefficients, l2_input: as in :class:`BacksubOptions`.
     """
 
     steps: int = 20
@@ -131,6 +135,7 @@ class AlphaCrownOptions:
     optimize_intermediate: bool = False
     slopes: Slopes = Slopes()
     max_coefficients: int = DEFAULT_MAX_COEFFICIENTS
+    l2_input: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0:
@@ -142,7 +147,7 @@ def _backsub_lowering(intermediate: IntermediateBounds, class_name: str) -> Any:
         options = options or BacksubOptions()
         return emit_backsub(gm, intermediate, options.slopes, class_name=class_name,
                             max_coefficients=options.max_coefficients,
-                            use_patches=options.patches)
+                            use_patches=options.patches, input_is_box=not options.l2_input)
 
     return lowering
 
@@ -207,18 +212,20 @@ def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx
     options = options or AlphaCrownOptions()
     root = torch.nn.Module()
     budget = options.max_coefficients
+    box = not options.l2_input
     if options.optimize_intermediate:
         root.passes = emit_backsub(gm, IntermediateBounds.BACKSUB, options.slopes,
                                    AlphaScope.ALL, result="bounds+slopes",
-                                   class_name="AlphaCrownPasses", max_coefficients=budget)
+                                   class_name="AlphaCrownPasses", max_coefficients=budget,
+                                   input_is_box=box)
     else:
         root.intermediate = emit_backsub(gm, IntermediateBounds.BACKSUB, options.slopes,
                                          result="intermediate", class_name="CrownIntermediate",
-                                         max_coefficients=budget)
+                                         max_coefficients=budget, input_is_box=box)
         root.passes = emit_backsub(gm, IntermediateBounds.BACKSUB, options.slopes,
                                    AlphaScope.FINAL, bounds_inputs=True,
                                    result="bounds+slopes", class_name="AlphaCrownFinal",
-                                   max_coefficients=budget)
+                                   max_coefficients=budget, input_is_box=box)
     graph = fx.Graph()
     lower, upper = graph.placeholder("lower"), graph.placeholder("upper")
     extras = [graph.placeholder(p.name, default_value=p.meta.get("certfx.default", None))

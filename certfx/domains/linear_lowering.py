@@ -172,10 +172,13 @@ class _Emitter:
 
     def __init__(self, gm: fx.GraphModule, intermediate: IntermediateBounds, slopes: Slopes,
                  alpha: AlphaScope, bounds_inputs: bool, max_coefficients: int,
-                 use_patches: bool = True):
+                 use_patches: bool = True, input_is_box: bool = True):
         self.gm, self.mode, self.alpha_scope = gm, intermediate, alpha
         self.max_coefficients = max_coefficients
         self.use_patches = use_patches
+        # Interval propagation is exact through one affine layer from a *box*; an input set that
+        # is also an ℓ2 ball (L2Ball specs) needs the backward pass there too.
+        self.input_is_box = input_is_box
         self.too_big: list[str] = []  # backward passes over the coefficient budget
         self.bounds_inputs = bounds_inputs
         self.nodes = list(gm.graph.nodes)
@@ -227,6 +230,8 @@ class _Emitter:
 
     def _exact_by_intervals(self, n: fx.Node) -> bool:
         """Whether interval propagation from the input to ``n`` is exact (module docstring)."""
+        if not self.input_is_box:
+            return False
         mixing, cur = 0, n
         while cur is not self.input:
             inputs = _inputs(cur)
@@ -475,7 +480,7 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
                  bounds_inputs: bool = False, result: str = "bounds",
                  class_name: str = "CrownBounds",
                  max_coefficients: int = DEFAULT_MAX_COEFFICIENTS,
-                 use_patches: bool = True) -> fx.GraphModule:
+                 use_patches: bool = True, input_is_box: bool = True) -> fx.GraphModule:
     """Generate the back-substitution bound module of a canonical graph.
 
     Args:
@@ -496,13 +501,15 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
             ``2N × numel`` entries at every node it visits.
         use_patches: intermediate passes through convolutional chains keep local coefficients
             (:mod:`~certfx.domains.linear_patches`); same bounds, far less memory and time.
+        input_is_box: ``False`` when the input set may also be an ℓ2 ball (``ball`` input):
+            no intermediate bound is taken from intervals alone then.
 
     Raises:
         CertfxError: when a backward pass would exceed ``max_coefficients`` (all listed).
     """
     _check_relaxations(gm)
     emitter = _Emitter(gm, intermediate, slopes, alpha, bounds_inputs, max_coefficients,
-                       use_patches)
+                       use_patches, input_is_box)
     graph = emitter.emit(result)
     if emitter.too_big:
         raise CertfxError(

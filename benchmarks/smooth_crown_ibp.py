@@ -1,7 +1,7 @@
 """Tightness and smoothness of CROWN-IBP's lower slopes (thesis ``004``, Sec. 3.3, Fig. 3.7,
 3.9 and 3.10) at CPU scale on the shared MNIST data.
 
-The same small CNN is trained at ε = 0.2 (6 epochs on the 5,000 shared images, the ε ramp over
+The same small CNN is trained at ε = 0.1 (6 epochs on the 5,000 shared images, the ε ramp over
 the middle epochs) with IBP and with CROWN-IBP at β = 1 throughout (the CROWN-IBP bound alone)
 under different lower slopes for unstable ReLUs: adaptive (CROWN-IBP, the thesis' (p, q) =
 (0, 1)), the (p, q)-random variants (0, 0), (0, 0.5), (1, 1), and the one-step slopes of
@@ -13,7 +13,7 @@ images of Σ_m of the worst-case margin loss bounds ``−s̄_m`` (lower is tight
 adaptive and uniform-random slopes.
 
 Usage:
-    python benchmarks/smooth_crown_ibp.py [--eps 0.2] [--epochs 6] [--json OUT]
+    python benchmarks/smooth_crown_ibp.py [--eps 0.1] [--epochs 6] [--json OUT]
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def tightness(net, xt, yt, eps: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--eps", type=float, default=0.2)
+    p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--test-limit", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)

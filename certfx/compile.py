@@ -106,7 +106,7 @@ class CertifiedModule(nn.Module):
         Args:
             x: a batch ``(batch, *input_shape)``.
             y: optional labels ``(batch,)``; then margin lower bounds are returned.
-            eps: optional radius overriding the ``LinfBall``'s (e.g. for ε-annealing).
+            eps: optional radius overriding the input ball's (e.g. for ε-annealing).
         """
         lo, hi = self.input_bounds(x, eps)
         ball = self._ball_kwargs(x, eps)

@@ -212,6 +212,13 @@ def test_cli_compose_certify_sweep(tmp_path: Path) -> None:
     assert main(["ace", "sweep", "--records", str(tmp_path / "r.pt"), "--csv",
                  str(tmp_path / "s.csv"), "--plot", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 1000
+    # a selection network trained on Eq. 3's labels composes with --select selnet
+    assert main(["ace", "train", "--cert", str(tmp_path / "cert.onnx"), "--dataset", "mnist",
+                 "--data", str(data), "--eps", "0.005", "--epochs", "1", "--method", "standard",
+                 "--label-domain", "box", "-o", str(tmp_path / "sel.onnx")]) == 0
+    assert main(["ace", "compose", *nets, "--select", "selnet", "--selnet",
+                 str(tmp_path / "sel.onnx"), "--threshold", "0", "-o",
+                 str(tmp_path / "ace_sel.onnx")]) == 0
     # bad inputs: named, nothing written
     assert main(["ace", "compose", *nets, "--select", "selnet", "--threshold", "0", "-o",
                  str(tmp_path / "bad.onnx")]) == 2

@@ -34,7 +34,7 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     >>> gm = emit_backsub(certfx.load(net, torch.zeros(1, 2)), IntermediateBounds.BACKSUB)
     >>> print(gm.code.split("def forward")[1].split(":")[0])
-    (self, lower, upper, slopes = None, bound_upper = True)
+    (self, lower, upper, slopes = None, bound_upper = True, ball = None)
     >>> "back_relu(" in gm.code and "lin_concretize(" in gm.code
     True
 """

@@ -131,7 +131,7 @@ def _meet(z: Zonotope, box: Interval) -> Interval:
 
 
 @DEEPZ.rule(ops.softmax_entropy)
-def deepz_softmax_entropy(x: Zonotope) -> Zonotope:
+def deepz_softmax_entropy(x: Zonotope, within_range: bool = True) -> Zonotope:
     """The entropy of ``softmax(x)`` for logits ``(batch, n)`` as a ``(batch, 1)`` zonotope.
 
     ACE App. H.6 chains the transformers along Eq. 5 (paper 000)::
@@ -143,7 +143,10 @@ def deepz_softmax_entropy(x: Zonotope) -> Zonotope:
     interval-arithmetic bound of the same quantity (a reduced product: both are valid bounds on
     the concrete values, so the transformers stay sound). In particular ``Σ_i e_i`` is bounded
     below by ``Σ_i e^{l_i − c} > 0``, so the logarithm always gets a positive interval, and
-    ``s_j − L = log p_j ≤ 0`` caps the input of the second exp (so ``p_j ≤ 1``).
+    ``s_j − L = log p_j ≤ 0`` caps the input of the second exp (so ``p_j ≤ 1``). With
+    ``within_range`` the result is also met with ``[0, log n]`` where it overshoots (those
+    examples get the met box as a fresh term); ``False`` keeps the transformer's own zonotope
+    (ACE H.6.1 compares the transformers that way).
     """
     box = x.concretize()
     c = entropy_shift(box)
@@ -166,6 +169,8 @@ def deepz_softmax_entropy(x: Zonotope) -> Zonotope:
     blocks, (g_lse, g_q) = align(lse, q)
     center = c + lse.center - q.center.sum(1, keepdim=True)
     h = Zonotope(center, g_lse - g_q.sum(2, keepdim=True), blocks, x.options)
+    if not within_range:
+        return h
     # Every entropy of n outcomes lies in [0, log n]: where the chain overshoots, the met box
     # as a fresh term (per example; the others keep their affine form).
     met = entropy_range(h.concretize(), x.center.shape[1])
@@ -177,12 +182,13 @@ def deepz_softmax_entropy(x: Zonotope) -> Zonotope:
                   torch.where(over, met.radius, 0.0), "entropy_range", x.options)
 
 
-def entropy_bounds(x: Zonotope | Interval) -> Zonotope | Interval:
+def entropy_bounds(x: Zonotope | Interval, within_range: bool = True) -> Zonotope | Interval:
     """Bounds on ``H(softmax(x))`` per example, ``(batch, 1)``: ACE's zonotope transformer for
-    a :class:`Zonotope`, interval arithmetic for an :class:`Interval`."""
+    a :class:`Zonotope`, interval arithmetic for an :class:`Interval`; ``within_range``: met
+    with ``[0, log n]``."""
     if isinstance(x, Interval):
-        return box_softmax_entropy(x)
-    return deepz_softmax_entropy(x)
+        return box_softmax_entropy(x, within_range)
+    return deepz_softmax_entropy(x, within_range)
 
 
 # ---- ACE's selection node (paper 000, Eq. 2) -------------------------------------------------

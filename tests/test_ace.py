@@ -225,6 +225,9 @@ def test_cli_compose_certify_sweep(tmp_path: Path) -> None:
     assert not (tmp_path / "bad.onnx").exists()
     assert main(["ace", "sweep", "--records", str(tmp_path / "r.pt"), "--thresholds",
                  "1,x"]) == 2
+    (tmp_path / "junk.pt").write_text("not records")
+    assert main(["ace", "sweep", "--records", str(tmp_path / "junk.pt")]) == 2
+    assert main(["ace", "sweep", "--records", str(tmp_path / "missing.pt")]) == 2
 
 
 def test_joint_entropy_loss_lowers_certified_entropy_and_raises_the_rest() -> None:

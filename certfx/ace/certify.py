@@ -134,8 +134,18 @@ class AceRecords:
 
     @staticmethod
     def load(path: str) -> AceRecords:
-        data = torch.load(path, weights_only=True)
-        return AceRecords(**data)
+        """Read records written by :meth:`save` (``certfx ace certify --records``)."""
+        from pathlib import Path
+
+        if not Path(path).exists():
+            raise InvalidValueError(f"records file '{path}' does not exist; write one with "
+                                    "'certfx ace certify ... --records FILE'")
+        try:
+            data = torch.load(path, weights_only=True)
+            return AceRecords(**data)
+        except Exception as err:
+            raise InvalidValueError(f"'{path}' is not a records file of 'certfx ace certify "
+                                    f"--records' ({type(err).__name__}: {err})") from err
 
 
 def collect(ace: fx.GraphModule, x: Tensor, y: Tensor, eps: float, domain: str = "deepz",

@@ -83,21 +83,24 @@ def test_the_dual_norm_tightens_back_substitution() -> None:
 
 def test_first_layer_bounds_use_the_ball_not_only_intervals() -> None:
     """Interval propagation is exact through the first layer only for a box: with an ℓ2 ball the
-    first hidden layer's bounds must come from the dual norm, ``w·x ± ε‖w‖₂``."""
+    first hidden layer's bounds must come from the dual norm, ``w·x ± ε‖w‖₂`` — in the
+    back-substitution and in the zonotope domain."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3)).double()
     x = torch.rand(4, 64, dtype=torch.float64) * 0.5 + 0.25
-    first = certfx.compile(net[:1], "crown", input_spec=L2Ball(0.05), example_input=x[:1])
-    with torch.no_grad():
-        lo, hi = first.certified_forward(x)
-        z, r = net[0](x), 0.05 * net[0].weight.norm(dim=1)
-    assert torch.allclose(lo, z - r) and torch.allclose(hi, z + r)
-    whole = certfx.compile(net, "crown", input_spec=L2Ball(0.05), example_input=x[:1])
-    box = certfx.compile(net, "crown", input_spec=certfx.LinfBall(0.05), example_input=x[:1])
-    with torch.no_grad():
-        w_l2 = (lambda b: b.upper - b.lower)(whole.certified_forward(x))
-        w_box = (lambda b: b.upper - b.lower)(box.certified_forward(x))
-    assert float(w_l2.mean()) < 0.5 * float(w_box.mean())
+    for domain in ("crown", "deepz"):
+        first = certfx.compile(net[:1], domain, input_spec=L2Ball(0.05), example_input=x[:1])
+        with torch.no_grad():
+            lo, hi = first.certified_forward(x)
+            z, r = net[0](x), 0.05 * net[0].weight.norm(dim=1)
+        assert torch.allclose(lo, z - r) and torch.allclose(hi, z + r), domain
+        whole = certfx.compile(net, domain, input_spec=L2Ball(0.05), example_input=x[:1])
+        box = certfx.compile(net, domain, input_spec=certfx.LinfBall(0.05),
+                             example_input=x[:1])
+        with torch.no_grad():
+            w_l2 = (lambda b: b.upper - b.lower)(whole.certified_forward(x))
+            w_box = (lambda b: b.upper - b.lower)(box.certified_forward(x))
+        assert float(w_l2.mean()) < 0.5 * float(w_box.mean()), domain
 
 
 def test_affine_network_is_exact_under_the_dual_norm() -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "ErrorBlock",
     "ZonotopeOptions",
     "Zonotope",
+    "InputBall",
     "DEEPZ",
     "deepz_input",
     "align",
@@ -140,18 +141,41 @@ class Zonotope:
 
     @cached_property
     def radius(self) -> Tensor:
-        """``Σ_e |g_e|``: half the width of the concretization."""
+        """``Σ_e |g_e|``: half the width of the concretization over the cube of error terms."""
         return self.generators.abs().sum(1)
 
     @cached_property
+    def _extent(self) -> tuple[Tensor, Tensor]:
+        """``(min, max)`` of ``Σ_e g_e ε_e`` over the error terms' set: the cube, where the
+        input's terms also lie in an ℓ2 ball (:class:`InputBall`) intersected with it."""
+        ball = getattr(self.options, "ball", None)
+        if ball is None or ball.block not in self.blocks:
+            return -self.radius, self.radius
+        start = 0
+        for b in self.blocks:
+            if b is ball.block:
+                break
+            start += b.size
+        g_in = self.generators.narrow(1, start, ball.block.size)
+        l1 = g_in.abs().sum(1)
+        rest = self.radius - l1
+        view = (ball.shift.shape[0], ball.block.size, *[1] * (g_in.dim() - 2))
+        # over {ε : ‖r∘(ε − shift)‖₂ ≤ ρ}: g·ε = g·shift ± ρ‖g/r‖₂ (the dual norm)
+        mid = (g_in * ball.shift.view(view)).sum(1)
+        spread = ball.rho.view(-1, *[1] * (g_in.dim() - 2)) * \
+            (g_in * ball.inv_r.view(view)).pow(2).sum(1).clamp_min(0).sqrt()
+        return (-rest + torch.maximum(-l1, mid - spread),
+                rest + torch.minimum(l1, mid + spread))
+
+    @cached_property
     def lower(self) -> Tensor:
-        """Lower bound of the concretization, ``c − Σ|g|``."""
-        return self.center - self.radius
+        """Lower bound of the concretization, ``c − Σ|g|`` (tighter with an input ball)."""
+        return self.center + self._extent[0]
 
     @cached_property
     def upper(self) -> Tensor:
-        """Upper bound of the concretization, ``c + Σ|g|``."""
-        return self.center + self.radius
+        """Upper bound of the concretization, ``c + Σ|g|`` (tighter with an input ball)."""
+        return self.center + self._extent[1]
 
     def concretize(self) -> Interval:
         """The interval hull ``[c − Σ|g|, c + Σ|g|]`` (exact per entry)."""
@@ -271,14 +295,56 @@ def relax(op: Callable[..., Any], x: Zonotope, bounds: Interval | None = None,
 
 # ---- input and derived rules ----------------------------------------------------------------
 
+@dataclass(frozen=True, eq=False)
+class InputBall:
+    """The input's error terms also lie in an ℓ2 ball: with the input ``x = c + r∘ε`` (term
+    ``k`` moving entry ``k`` by ``r_k``) and the ball ``‖x − x₀‖₂ ≤ ρ``, the terms satisfy
+    ``‖r∘(ε − shift)‖₂ ≤ ρ`` with ``shift = (x₀ − c)/r``. Entries without a term (``r = 0``)
+    are dropped from the ball, which only enlarges it (sound).
+
+    Attributes:
+        block: the input's error block (the ball applies while a zonotope holds it whole).
+        shift, inv_r: ``(batch, K)``; ``1/r`` is 0 where an example has no extent.
+        rho: ``(batch,)``.
+    """
+
+    block: ErrorBlock
+    shift: Tensor
+    inv_r: Tensor
+    rho: Tensor
+
+
+@dataclass(frozen=True)
+class _OptionsWithBall(ZonotopeOptions):
+    """The domain options carried by a zonotope whose input terms also lie in a ball."""
+
+    ball: InputBall | None = None
+
+
 def deepz_input(lower: Tensor, upper: Tensor, max_error_terms: int | None = None,
-                product_max_terms: int = 256) -> Zonotope:
+                product_max_terms: int = 256,
+                ball: tuple[Tensor, Tensor] | None = None) -> Zonotope:
     """The input box as a zonotope: centre ``(l + u)/2`` and one error term per entry with a
-    non-zero radius (diagonal generators)."""
-    options = ZonotopeOptions(max_error_terms, product_max_terms)
+    non-zero radius (diagonal generators); with ``ball = (x₀, ρ)`` (an ``L2Ball`` input spec)
+    the terms also lie in that ℓ2 ball (:class:`InputBall`), which every concretization uses
+    (``min g·ε = max(−‖g‖₁, g·shift − ρ‖g/r‖₂)``, thesis Sec. 3.2's dual norm)."""
     center = torch.lerp(lower, upper, 0.5)
-    gens = diagonal_terms(upper - center)
-    return Zonotope(center, gens, (ErrorBlock("input", gens.shape[1]),), options)
+    radius = upper - center
+    gens = diagonal_terms(radius)
+    block = ErrorBlock("input", gens.shape[1])
+    if ball is None:
+        return Zonotope(center, gens, (block,), ZonotopeOptions(max_error_terms,
+                                                                product_max_terms))
+    x0, rho = ball
+    flat = radius.reshape(radius.shape[0], -1)
+    idx = (flat != 0).any(0).nonzero().squeeze(1)  # the entries with a term, as diagonal_terms
+    r = flat[:, idx]
+    inv_r = torch.where(r > 0, 1 / torch.where(r > 0, r, 1.0), 0.0)
+    shift = (x0 - center).reshape(radius.shape[0], -1)[:, idx] * inv_r
+    rho = torch.as_tensor(rho).to(lower).reshape(-1).expand(lower.shape[0])
+    options = _OptionsWithBall(max_error_terms, product_max_terms,
+                               InputBall(block, shift, inv_r, rho))
+    return Zonotope(center, gens, (block,), options)
 
 
 def _derive_affine(op: Callable[..., Any], op_traits: OpTraits) -> Rule | None:
@@ -326,6 +392,7 @@ DEEPZ = register_domain(Domain(
     prefix="deepz",
     derivers=[_derive_affine, _derive_relaxation],
     options=ZonotopeOptions,
+    ball_input=True,
 ))
 
 

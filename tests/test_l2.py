@@ -244,3 +244,29 @@ def ops_affine(target) -> bool:
     from certfx import ops
 
     return ops.is_core_op(target) and ops.traits(target).affine
+
+
+class _Residual(nn.Module):
+    """x → relu(W1 x) → h + relu(W2 h) (App. B.2.4: the branches' balls and boxes add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b, self.out = nn.Linear(16, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x.flatten(1)))
+        return self.out(h + torch.relu(self.b(h)))
+
+
+def test_bcp_is_sound_through_a_residual_block() -> None:
+    net = _Residual().double()
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    eps = 0.4
+    cm = certfx.compile(net, "bcp", input_spec=L2Ball(eps), example_input=x[:1])
+    pts = ball_samples(x, eps, 3000, 500)
+    with torch.no_grad():
+        out = net(pts.flatten(0, 1)).reshape(6, -1, 4)
+        lo, hi = cm.certified_forward(x)
+    assert bool((out >= lo.unsqueeze(1) - 1e-9).all() and (out <= hi.unsqueeze(1) + 1e-9).all())
+    assert bool(torch.isfinite(lo).all())

@@ -150,8 +150,6 @@ def test_lp_balls_and_bad_radii() -> None:
 def _pgd_ball_box_min(c, center, rho, lo, hi, steps=4000):
     """min cᵀζ over the ball ∩ box by projected gradient with alternating projections (Dykstra's
     algorithm onto the intersection), in float64 — an independent reference."""
-    from torch.nn.functional import normalize  # noqa: F401
-
     z = center.clone()
     for t in range(steps):
         z = z - (0.5 / (1 + t) ** 0.5) * c

@@ -1,9 +1,10 @@
 """Tightness reports: bounds per layer, unstable ReLUs, and domains side by side.
 
-The bounds of an intermediate node are those of the *prefix* graph that ends at it, compiled
-for the same domain (for DeepPoly/CROWN exactly the intermediate bounds the domain itself
-computes; for forward domains the element at that node). A ReLU-like neuron is *unstable* when
-its input's bounds straddle 0 (``lower < 0 < upper``): the neurons a relaxation must
+The bounds of an intermediate node are those the domain itself computes there for the whole
+graph (for DeepPoly/CROWN the intermediate bounds its relaxations use, for forward domains the
+element at that node; α-CROWN's are CROWN's); where a domain's module does not hold them by
+name, those of the *prefix* graph that ends at the node, compiled for the same domain. A
+ReLU-like neuron is *unstable* when its input's bounds straddle 0 (``lower < 0 < upper``): the neurons a relaxation must
 over-approximate, and the usual measure of a domain's precision.
 
 Example:
@@ -29,6 +30,9 @@ from torch import Tensor
 
 from certfx import ops
 from certfx.compile import compile as compile_model
+from certfx.domains.interval import Interval
+from certfx.errors import CertfxError
+from certfx.passes.expose import expose
 from certfx.specs import InputSpec, Margin
 
 __all__ = [
@@ -118,18 +122,50 @@ def _kinked_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
 
 def layer_bounds(gm: fx.GraphModule, domain: str, input_spec: InputSpec,
                  x: Tensor) -> list[LayerBounds]:
-    """Bounds on the input of every ReLU-like node of a canonical graph, by ``domain``."""
+    """Bounds on the input of every ReLU-like node of a canonical graph, by ``domain``.
+
+    The bounds are read off the domain's module for the whole graph (``expose``): the values
+    it computes at those nodes anyway. Where a node's value is not there under its name (α-CROWN
+    optimizes inside a submodule), the prefix graph ending at the node is compiled instead.
+    """
+    pairs = _kinked_inputs(gm)
+    if not pairs:
+        return []
+    values = _exposed_values(gm, domain, input_spec, x, [pre.name for _, pre in pairs])
     reports = []
     with torch.no_grad():
-        for act, pre in _kinked_inputs(gm):
-            cm = compile_model(prefix_graph(gm, pre.name), domain=domain, input_spec=input_spec)
-            bounds = cm.certified_forward(x)
+        for k, (act, pre) in enumerate(pairs):
+            bounds = values[k] if values is not None else compile_model(
+                prefix_graph(gm, pre.name), domain=domain,
+                input_spec=input_spec).certified_forward(x)
             lower, upper = bounds.lower, bounds.upper
             unstable = int(((lower < 0) & (upper > 0)).sum())
             neurons = int(lower[0].numel()) if lower.shape[0] else 0
             reports.append(LayerBounds(pre.name, act.target.__name__, neurons, lower, upper,
                                        unstable))
     return reports
+
+
+def _exposed_values(gm: fx.GraphModule, domain: str, input_spec: InputSpec, x: Tensor,
+                    names: list[str]) -> list[Interval] | None:
+    """The interval bounds ``domain``'s module for ``gm`` computes at the nodes ``names``
+    (zonotopes concretized), or ``None`` when its module does not hold them under those names."""
+    cm = compile_model(gm, domain=domain, input_spec=input_spec)
+    lo, hi = cm.input_bounds(x, None)
+    # α-CROWN keeps CROWN's intermediate bounds in its ``intermediate`` submodule
+    for candidate in (cm.bounds, getattr(cm.bounds, "intermediate", None)):
+        if not isinstance(candidate, fx.GraphModule):
+            continue
+        try:
+            module = expose(names)(candidate)
+        except CertfxError:
+            continue
+        with torch.no_grad():
+            _, values = module(lo, hi, **cm._ball_kwargs(x, None))
+        intervals = [v.concretize() if hasattr(v, "concretize") else v for v in values]
+        if all(isinstance(v, Interval) for v in intervals):
+            return intervals
+    return None
 
 
 def compare_domains(gm: fx.GraphModule, domains: list[str], input_spec: InputSpec, x: Tensor,

@@ -20,7 +20,7 @@ from typing import Any
 import torch.fx as fx
 
 from certfx.domains.interval import Interval
-from certfx.domains.linear import lin_pass_bounds
+from certfx.domains.linear import chunk_rows, lin_pass_bounds
 
 
 class _Stop(Exception):
@@ -40,11 +40,13 @@ class ProbeLog:
 
 def _limited(max_chunks: int, log: ProbeLog) -> Callable[..., Interval]:
     def probe(backward_pass: Any, intervals: Interval, shape: tuple[int, ...],
-              unstable_only: bool, rows_per_chunk: int, *captured: Any) -> Interval:
+              unstable_only: bool, rows_per_chunk: int, *captured: Any,
+              row_width: int = 0) -> Interval:
         lower, upper = intervals.lower.flatten(1), intervals.upper.flatten(1)
         rows = (int(((lower < 0) & (upper > 0)).sum(1).max()) if unstable_only
                 else lower.shape[1])
-        needed, run = math.ceil(rows / rows_per_chunk), [0]
+        step = chunk_rows(rows_per_chunk, row_width, lower.shape[0])
+        needed, run = math.ceil(rows / step), [0]
 
         def counted(*args: Any) -> Any:
             if run[0] == max_chunks:
@@ -55,7 +57,7 @@ def _limited(max_chunks: int, log: ProbeLog) -> Callable[..., Interval]:
         start = time.perf_counter()
         try:
             result = lin_pass_bounds(counted, intervals, shape, unstable_only, rows_per_chunk,
-                                     *captured)
+                                     *captured, row_width=row_width)
         except _Stop:
             result = intervals
         log.passes.append((needed, run[0], time.perf_counter() - start))

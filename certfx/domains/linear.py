@@ -265,9 +265,40 @@ def lin_unit_rows(index: Tensor, shape: tuple[int, ...], like: Tensor) -> Linear
     return LinearBounds(coef, coef.new_zeros(coef.shape[:2]))
 
 
+# A chunk's coefficient tensors hold about this many entries over the whole batch (4 MiB in
+# float32) unless ``rows_per_chunk`` allows fewer: temporaries of this size are reused by the
+# allocator, where larger ones are mapped afresh (and page-faulted) for every elementwise op —
+# on a 2-core CPU that halves CROWN's time on the 256×2 MLP at batch 32 (benchmarks/domains.py).
+_CHUNK_ENTRIES = 1 << 20
+_MIN_ROW_VECTORS = 512  # …but at least this many row vectors per chunk, over the batch
+
+
+def chunk_rows(rows_per_chunk: int, row_width: int, batch: int) -> int:
+    """Neurons per chunk of a pass whose rows hold up to ``row_width`` coefficients each:
+    ``rows_per_chunk`` (the per-example memory budget) or fewer, so that a chunk's ``2c`` rows
+    over the batch hold about ``_CHUNK_ENTRIES`` entries (``row_width`` 0: no such limit)."""
+    if row_width <= 0 or batch <= 0:
+        return rows_per_chunk
+    by_working_set = _CHUNK_ENTRIES // (2 * row_width * batch)
+    floor = -(-_MIN_ROW_VECTORS // (2 * batch))
+    return max(1, min(rows_per_chunk, max(floor, by_working_set)))
+
+
+def lin_weight_rows(index: Tensor, weight: Tensor, bias: Tensor | None) -> LinearBounds:
+    """The unit rows of :func:`lin_unit_rows` at ``z = W x + b`` taken back to ``x`` at once:
+    ``e_i`` becomes ``(W_i, b_i)`` and ``−e_i`` becomes ``(−W_i, −b_i)``. A gather of the
+    weight's rows, where :func:`lin_unit_rows` and ``back_linear`` would multiply by ``W``."""
+    rows = weight[index]
+    coef = torch.cat([rows, -rows], 1)
+    if bias is None:
+        return LinearBounds(coef, coef.new_zeros(coef.shape[:2]))
+    picked = bias[index]
+    return LinearBounds(coef, torch.cat([picked, -picked], 1))
+
+
 def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
                     shape: tuple[int, ...], unstable_only: bool, rows_per_chunk: int,
-                    *captured: Any) -> Interval:
+                    *captured: Any, row_width: int = 0) -> Interval:
     """The bounds of a node by a backward pass from its neurons, a chunk of them at a time,
     intersected with its interval bounds ``intervals``.
 
@@ -275,7 +306,8 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
     ``(batch | 1, c)`` of a chunk's neurons to the concretized rows ``(batch, 2c)`` of their
     unit rows ``[e_i; −e_i]`` (:func:`lin_unit_rows`). Its coefficients hold ``2c × numel``
     entries per example at each node it visits (fewer with patches), so ``rows_per_chunk``
-    bounds the memory of any pass, whatever the node's size.
+    bounds the memory of any pass, whatever the node's size; with ``row_width`` (the widest
+    row's entries) chunks are kept smaller still, to a working set (:func:`chunk_rows`).
 
     With ``unstable_only`` (the node feeds only ReLU-like ops), only the neurons whose interval
     bounds cross 0 get a pass, per example (Zhang et al. 2018 and auto_LiRPA do likewise): a
@@ -297,8 +329,9 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
     else:
         index = torch.arange(size, device=lower.device).unsqueeze(0)  # shared by the batch
     found_lower, found_upper = [], []
-    for first in range(0, index.shape[1], rows_per_chunk):
-        chunk = index[:, first:first + rows_per_chunk]
+    step = chunk_rows(rows_per_chunk, row_width, batch)
+    for first in range(0, index.shape[1], step):
+        chunk = index[:, first:first + step]
         rows = backward_pass(chunk, *captured)
         found_lower.append(rows[:, :chunk.shape[1]])
         found_upper.append(-rows[:, chunk.shape[1]:])
@@ -310,6 +343,7 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
 
 
 for _fn in (lin_slopes, lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
-            lin_intersect, lin_output_bounds, lin_pass_bounds, lin_unit_rows, Var, Slopes,
+            lin_intersect, lin_output_bounds, lin_pass_bounds, lin_unit_rows, lin_weight_rows,
+            Var, Slopes,
             SlopePolicy):
     expose_to_codegen(_fn)

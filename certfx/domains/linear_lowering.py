@@ -68,6 +68,7 @@ from certfx.domains.linear import (
     lin_slopes,
     lin_unit_rows,
     lin_split,
+    lin_weight_rows,
 )
 from certfx.domains.linear_backward import BACK, RELAX, RELAX_WEIGHTED, has_free_slope
 from certfx.domains.linear_patches import lin_fill, patch_rows, patch_size
@@ -270,7 +271,10 @@ class _Emitter:
     def emit(self, result: str) -> fx.Graph:
         """``result``: ``"bounds"`` (the output's Interval), ``"intermediate"`` (the tuple of
         bounds the output's pass uses) or ``"bounds+slopes"`` (α modules)."""
-        method = {} if self.bounds_inputs else self.plan()
+        # given the bounds a pass needs, still compute the (exact, cheap) boxes a pass may stop
+        # at (see _backsub); unused ones are dropped as dead code
+        method = ({n: "interval" for n in self.nodes if _perturbed(n) and n is not self.input
+                   and self._box_image(n)} if self.bounds_inputs else self.plan())
         for n in self.nodes:
             if n.op == "get_attr":
                 self.env[n] = self.g.get_attr(str(n.target))
@@ -318,6 +322,12 @@ class _Emitter:
             rows = sub.call(patch_rows, (sub.start, shape, self.box, steps, *values),
                             f"{n.name}_rows")
             widest = patch_size(steps)
+        elif self._weight_rows(n):  # the unit rows through the linear layer: a gather
+            x, weight, bias = (list(n.args) + [n.kwargs.get("bias")])[:3]
+            start = sub.call(lin_weight_rows, (sub.start, self._const(weight), self._const(bias)),
+                             f"{n.name}_start")
+            rows = self._backsub(n, start, n.name, sub.call, entry=x)
+            widest = max(math.prod(self._shape(p)) for p in self._ancestors(x))
         else:
             start = sub.call(lin_unit_rows, (sub.start, shape, self.lower), f"{n.name}_start")
             rows = self._backsub(n, start, n.name, sub.call)
@@ -328,7 +338,34 @@ class _Emitter:
         unstable_only = all(u.target in _KINKED for u in n.users if _perturbed(u))
         self.bounds[n] = self._call(
             lin_pass_bounds, (self.g.get_attr(attr), intervals, shape, unstable_only, chunk,
-                              *sub.captured), n.name)
+                              *sub.captured), n.name, {"row_width": widest})
+
+    def _weight_rows(self, n: fx.Node) -> bool:
+        """Whether ``n`` is a linear layer on a perturbed vector with constant weights, whose
+        pass can start at its input (:func:`lin_weight_rows`)."""
+        if n.target is not ops.linear or len(self._shape(n)) != 1:
+            return False
+        x, weight, *rest = n.args
+        bias = rest[0] if rest else n.kwargs.get("bias")
+        return (_perturbed(x) and not _perturbed(weight)
+                and not (isinstance(bias, fx.Node) and _perturbed(bias)))
+
+    def _box_image(self, n: fx.Node) -> bool:
+        """Whether the values of ``n`` are exactly the box of its interval bounds: the input box
+        (ℓ∞ inputs only) mapped by elementwise affine ops and selections, each of which maps a
+        box onto a box (the input's normalization, flattening)."""
+        if not self.input_is_box:
+            return False
+        cur = n
+        while cur is not self.input:
+            inputs = _inputs(cur)
+            if _relaxed(cur) or len(inputs) != 1 or not ops.traits(cur.target).affine:
+                return False
+            same_shape = cur.meta.get(SHAPE_KEY) == inputs[0].meta.get(SHAPE_KEY)
+            if not (cur.target in _SELECTING or (cur.target in _DIAGONAL and same_shape)):
+                return False
+            cur = inputs[0]
+        return True
 
     def _patch_plan(self, n: fx.Node) -> tuple[tuple[Any, ...], list[Any]] | None:
         """The steps and values of :func:`~certfx.domains.linear_patches.patch_rows` from
@@ -409,20 +446,30 @@ class _Emitter:
                 f"({sizes[worst] * 4 / 2**30:.3g} GiB in float32)")
 
     def _backsub(self, start: fx.Node, a0: fx.Node, name: str,
-                 call: Callable[..., fx.Node] | None = None) -> fx.Node:
-        """Emit the backward pass from ``start`` (bounds ``a0`` on it) to the input; returns
-        the concretized rows. ``call`` emits into another graph (a :class:`_SubPass`, whose
-        memory the chunking bounds); by default into the main one, checking the size."""
+                 call: Callable[..., fx.Node] | None = None,
+                 entry: fx.Node | None = None) -> fx.Node:
+        """Emit the backward pass from ``start`` to the input, given the linear bounds ``a0``
+        of ``start`` over the node ``entry`` (default ``start`` itself); returns the concretized
+        rows. ``call`` emits into another graph (a :class:`_SubPass`, whose memory the chunking
+        bounds); by default into the main one, checking the size.
+
+        The pass stops early at a node whose values are exactly its interval box
+        (:meth:`_box_image`, e.g. the normalized input) once every row's coefficients are on that
+        node alone: concretizing there gives the same bounds as at the input, without carrying
+        the coefficients through the normalization."""
         self.starts[name] = start
-        ancestors = self._ancestors(start)
+        entry = start if entry is None else entry
+        ancestors = self._ancestors(entry)
         if call is None:
             call = self._call
             self._check_size(start, ancestors)
-        pending: dict[fx.Node, fx.Node] = {start: a0}
+        pending: dict[fx.Node, fx.Node] = {entry: a0}
         for n in reversed(self.nodes):
             if n not in ancestors or n is self.input or n not in pending:
                 continue
             a = pending.pop(n)
+            if not pending and n in self.bounds and self._box_image(n):
+                return call(lin_concretize, (a, self.bounds[n]), f"{name}_rows")
             inputs = _inputs(n)
             rule = BACK.rule_for(n.target)
             at = f"{name}_at_{inputs[0].name}"

@@ -36,7 +36,9 @@ Options (``certfx.compile(..., domain_options=...)``):
 α-CROWN's generated module is a small driver: ``self.intermediate`` (generated: the CROWN bounds
 the output's backward pass needs) and ``self.passes`` (generated: that pass, taking the slopes
 ``alpha_out_<node>`` as inputs) are called by :func:`alpha_crown_optimize`, the Python loop of
-Adam steps. Its result is for verification: it carries no gradient to the model.
+Adam steps. The optimization itself runs without gradients to the model; where gradients are on,
+one more pass with the chosen slopes (each output row's best) carries them, so α-CROWN bounds
+are differentiable like CROWN's.
 
 Example:
     >>> import torch, certfx
@@ -172,6 +174,7 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
         ball: the ℓ2 ball ``(center, radius)`` of an ``L2Ball`` input spec, passed on.
     """
     slopes = lin_slopes(slopes, default_slopes)
+    differentiable = torch.is_grad_enabled()
     with torch.no_grad():
         fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, ball=ball)) \
             if intermediate else ()
@@ -179,11 +182,16 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
                              bound_upper=bound_upper, ball=ball)
     best_lower, best_upper = start.lower, start.upper
     if not alphas or steps == 0:
-        return Interval(best_lower, best_upper)
+        return _with_gradient(intermediate, passes, lower, upper, extras, slopes, bound_upper,
+                              ball, {}, best_lower, best_upper) if differentiable \
+            else Interval(best_lower, best_upper)
     outputs = best_lower[0].numel() * (2 if bound_upper else 1)
     names = [name for name, _ in alphas]
     weights = [s.expand(s.shape[0], rows or outputs, *s.shape[2:]).clone().requires_grad_(True)
                for s, (_, rows) in zip(init, alphas)]
+    # the weights at each output row's best bound so far: a row's bound depends only on its own
+    # weights where every slope is per output row (rows None); joint slopes keep the last ones
+    best_weights = [w.detach().clone() for w in weights]
     optimizer = torch.optim.Adam(weights, lr=lr)
     for step in range(steps + 1):
         with torch.enable_grad():
@@ -192,6 +200,15 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
             if step < steps:  # maximize every lower bound, minimize every upper bound
                 loss = (out.upper.sum() if bound_upper else 0.0) - out.lower.sum()
                 grads = torch.autograd.grad(loss, weights)
+        improved = (out.lower.detach() > best_lower).flatten(1)
+        if bound_upper:
+            improved = torch.cat([improved, (out.upper.detach() < best_upper).flatten(1)], 1)
+        for best, weight, (_, rows) in zip(best_weights, weights, alphas):
+            if rows is None:
+                mask = improved.reshape(*improved.shape, *[1] * (best.dim() - 2))
+                best.copy_(torch.where(mask, weight.detach(), best))
+            else:
+                best.copy_(weight.detach())
         best_lower = torch.maximum(best_lower, out.lower.detach())
         best_upper = torch.minimum(best_upper, out.upper.detach())
         if step == steps:
@@ -202,7 +219,24 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
         with torch.no_grad():  # project back onto the valid weights
             for weight in weights:
                 weight.clamp_(0.0, 1.0)
+    if differentiable:
+        return _with_gradient(intermediate, passes, lower, upper, extras, slopes, bound_upper,
+                              ball, dict(zip(names, best_weights)), best_lower, best_upper)
     return Interval(best_lower, best_upper)
+
+
+def _with_gradient(intermediate: fx.GraphModule | None, passes: fx.GraphModule,
+                   lower: Tensor, upper: Tensor, extras: tuple[Any, ...], slopes: Slopes,
+                   bound_upper: bool, ball: Any, weights: dict[str, Tensor],
+                   best_lower: Tensor, best_upper: Tensor) -> Interval:
+    """The bounds once more with the chosen (constant) slopes, this time with gradients to the
+    model and the input set, met with the best bounds seen (elementwise: where a bound of this
+    pass is the best, its gradient flows; both are sound, so their meet is)."""
+    fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, ball=ball)) \
+        if intermediate else ()
+    out, _ = passes(lower, upper, *fixed, *extras, slopes=slopes, bound_upper=bound_upper,
+                    ball=ball, **weights)
+    return Interval(torch.maximum(out.lower, best_lower), torch.minimum(out.upper, best_upper))
 
 
 expose_to_codegen(alpha_crown_optimize)

@@ -105,9 +105,11 @@ def add_train(sub: Any, common: argparse.ArgumentParser, formatter: type) -> Non
     g = p.add_argument_group("evaluation")
     g.add_argument("--cert", default="crown", choices=CERT_CHOICES,
                    help="certification after training (default %(default)s; 'cascade' runs "
-                        "the verification cascade per example)")
+                        "the verification cascade per example; 'colt' COLT's Sec. 6-7 "
+                        "certification: alpha-crown, then partial MILP on the last 1 and 2 ReLU "
+                        "layers)")
     g.add_argument("--cert-timeout", type=float, default=10.0,
-                   help="seconds per example for --cert cascade")
+                   help="seconds per example for --cert cascade and colt")
     g.add_argument("--pgd-eval-steps", type=int, default=50)
     g.add_argument("--pgd-eval-restarts", type=int, default=5)
     g = p.add_argument_group("method hyperparameters (each method's default is the paper's)")

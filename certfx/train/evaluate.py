@@ -6,7 +6,10 @@
 * certified: correct and proven for the whole ε-ball (clipped to the valid range), by one domain
   (``box``, ``crown``, … — every margin bound above the cascade's float32 tolerance) or by the
   verification cascade (``cascade``: attack → box → deepz → crown → α-crown → MILP, per example,
-  with a time limit), on the examples that are correct and survived PGD.
+  with a time limit), on the examples that are correct and survived PGD; or by COLT's
+  certification (``colt``, paper ``003_…`` Sec. 6–7): linear relaxations with learned slopes
+  (α-CROWN), then partial MILP with binaries for the last ReLU layer, then for the last two (the
+  layers before them by their triangle relaxation), each stage on what is still open.
 
 Example:
     >>> import torch
@@ -34,7 +37,7 @@ from certfx.specs import LinfBall
 __all__ = ["CERT_CHOICES", "EvalResult", "evaluate"]
 
 CERT_CHOICES = ("box", "deepz", "deeppoly", "crown", "crown-ibp", "alpha-crown", "cascade",
-                "none")
+                "colt", "none")
 
 
 @dataclass
@@ -85,9 +88,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float, cert: str = "cr
     robust = torch.zeros_like(correct)
     proven = torch.zeros_like(correct)
     bounds = None
-    if cert not in ("cascade", "none"):
-        bounds = certfx.compile(model, domain=cert, input_spec=LinfBall(eps, *valid),
-                                example_input=x[:1])
+    if cert not in ("cascade", "none"):  # COLT's first stage: α-CROWN on the batch
+        bounds = certfx.compile(model, domain="alpha-crown" if cert == "colt" else cert,
+                                input_spec=LinfBall(eps, *valid), example_input=x[:1])
     config = PGDConfig(steps=pgd_steps, restarts=pgd_restarts)
     tolerance = 1e-5  # as the cascade's float32 tolerance: a margin in (0, 1e-5] is unproven
     for part in _batches(n, batch_size):
@@ -108,6 +111,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float, cert: str = "cr
             progress(part.stop, n)
     if cert == "cascade":
         proven = robust & _cascade(model, x, y, robust, eps, valid, cascade_timeout)
+    elif cert == "colt":  # partial MILP on what α-CROWN left open
+        proven = proven | (robust & _cascade(model, x, y, robust & ~proven, eps, valid,
+                                             cascade_timeout, partial_milp=True))
     if was_training:
         model.train()
     return EvalResult(n, eps, round(float(correct.float().mean()), 4),
@@ -117,21 +123,31 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float, cert: str = "cr
 
 
 def _cascade(model: nn.Module, x: Tensor, y: Tensor, todo: Tensor, eps: float,
-             valid: tuple[float, float], timeout: float) -> Tensor:
-    """Which of the ``todo`` examples the verification cascade proves robust."""
+             valid: tuple[float, float], timeout: float, partial_milp: bool = False) -> Tensor:
+    """Which of the ``todo`` examples the verification cascade proves robust, in ``timeout``
+    seconds each. With ``partial_milp``, COLT's last stages instead (Sec. 7, "Certification"):
+    MILP with binaries for the last ReLU layer only, then for the last two, half the time each
+    (the layers before are encoded by their triangle relaxation, with CROWN's intermediate
+    bounds: at least as tight as the DeepZ/DeepPoly region the paper starts the MILP from)."""
+    from certfx.backends.milp import MilpOptions
     from certfx.specs import Property, UnsafeRegion
     from certfx.verify.cascade import CascadeOptions, Verdict, Verifier
 
     out = torch.zeros_like(todo)
-    index = todo.nonzero().flatten().tolist()
-    if not index:
+    if not bool(todo.any()):
         return out
     k = int(model(x[:1]).shape[1])
-    verifier = Verifier(model, example_input=x[:1].cpu(),
-                        options=CascadeOptions(timeout=timeout))
-    for i in index:
-        lo = (x[i] - eps).clamp(*valid).cpu().double()
-        hi = (x[i] + eps).clamp(*valid).cpu().double()
-        prop = Property(lo, hi, UnsafeRegion.misclassified(int(y[i]), k), f"#{i}")
-        out[i] = verifier.verify(prop).verdict is Verdict.VERIFIED
+    if partial_milp:
+        stages = [CascadeOptions(methods=("milp",), timeout=timeout / 2,
+                                 milp=MilpOptions(exact_layers=layers, allow_relaxation=True))
+                  for layers in (1, 2)]
+    else:
+        stages = [CascadeOptions(timeout=timeout)]
+    for options in stages:
+        verifier = Verifier(model, example_input=x[:1].cpu(), options=options)
+        for i in (todo & ~out).nonzero().flatten().tolist():
+            lo = (x[i] - eps).clamp(*valid).cpu().double()
+            hi = (x[i] + eps).clamp(*valid).cpu().double()
+            prop = Property(lo, hi, UnsafeRegion.misclassified(int(y[i]), k), f"#{i}")
+            out[i] = verifier.verify(prop).verdict is Verdict.VERIFIED
     return out

@@ -288,6 +288,27 @@ def test_alpha_crown_bounds_with_gradients_are_the_optimized_bounds(
     assert bool((tracked.upper.detach() <= plain.upper + 1e-6).all())
 
 
+def test_alpha_crown_stops_at_its_deadline_with_sound_bounds() -> None:
+    """Past the deadline (as the cascade sets it), α-CROWN stops after evaluating its starting
+    slopes: CROWN's bounds exactly; without one, its Adam steps tighten them."""
+    import time
+
+    from certfx.domains.crown import optimization_deadline
+
+    torch.manual_seed(4)
+    _, crown, shape = _compile("mlp", "crown", 0.05)
+    _, alpha, _ = _compile("mlp", "alpha-crown", 0.05, AlphaCrownOptions(steps=10))
+    x = torch.rand(3, *shape)
+    with torch.no_grad():
+        reference = crown.certified_forward(x)
+        with optimization_deadline(time.perf_counter() - 1.0):
+            stopped = alpha.certified_forward(x)
+        full = alpha.certified_forward(x)
+    torch.testing.assert_close(stopped.lower, reference.lower)
+    torch.testing.assert_close(stopped.upper, reference.upper)
+    assert bool((full.lower > reference.lower + 1e-4).any())
+
+
 def test_generated_code_is_a_sequence_of_rule_calls(device: torch.device) -> None:
     _, cm, shape = _compile("residual", "crown", 0.02, device=device)
     code = cm.code

@@ -62,6 +62,10 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +92,7 @@ __all__ = [
     "BacksubOptions",
     "AlphaCrownOptions",
     "alpha_crown_optimize",
+    "optimization_deadline",
     "DEEPPOLY",
     "CROWN",
     "CROWN_IBP",
@@ -154,6 +159,30 @@ def _backsub_lowering(intermediate: IntermediateBounds, class_name: str) -> Any:
     return lowering
 
 
+# A time (``time.perf_counter()``) after which α-CROWN stops its Adam steps early: the best
+# bounds so far are sound whatever the step. Set by callers with a budget (the cascade).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("certfx_alpha_deadline",
+                                                                        default=None)
+
+
+@contextmanager
+def optimization_deadline(deadline: float | None) -> Iterator[None]:
+    """Within the block, α-CROWN optimizations stop at the ``time.perf_counter()`` value
+    ``deadline`` (``None``: no limit), returning the best bounds found by then.
+
+    Example:
+        >>> import time
+        >>> with optimization_deadline(time.perf_counter() + 5.0):
+        ...     _DEADLINE.get() is not None
+        True
+    """
+    token = _DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
 def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphModule,
                          lower: Tensor, upper: Tensor, *extras: Any, slopes: Slopes | None,
                          default_slopes: Slopes, bound_upper: bool = True,
@@ -211,7 +240,8 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
                 best.copy_(weight.detach())
         best_lower = torch.maximum(best_lower, out.lower.detach())
         best_upper = torch.minimum(best_upper, out.upper.detach())
-        if step == steps:
+        deadline = _DEADLINE.get()
+        if step == steps or (deadline is not None and time.perf_counter() > deadline):
             break
         for weight, grad in zip(weights, grads):
             weight.grad = grad

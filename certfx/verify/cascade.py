@@ -60,6 +60,7 @@ from torch import Tensor
 from certfx.compile import LOWER_ONLY_KEY, CertifiedModule
 from certfx.compile import compile as compile_model
 from certfx.domains import available_domains, get_domain
+from certfx.domains.crown import optimization_deadline
 from certfx.errors import (CertfxError, InvalidValueError, ShapeError, SpecError,
                            UnsupportedOpsError)
 from certfx.specs import Box, Property
@@ -350,12 +351,14 @@ class Verifier:
                 outcome = Verdict.FALSIFIED if witness is not None else None
             elif stage == "split":
                 share = options.split_share if "milp" in stages[stages.index(stage):] else 1.0
-                outcome, witness = self._split(prop, lower, upper, open_terms, left * share,
-                                               notes)
+                with optimization_deadline(began + left * share):
+                    outcome, witness = self._split(prop, lower, upper, open_terms, left * share,
+                                                   notes)
             elif stage == "milp":
                 outcome, witness = self._milp(prop, left, notes)
-            else:
-                open_terms = self._open_after_bounds(stage, prop, lower, upper, open_terms)
+            else:  # α-CROWN's Adam steps stop at the deadline (with sound bounds so far)
+                with optimization_deadline(deadline):
+                    open_terms = self._open_after_bounds(stage, prop, lower, upper, open_terms)
                 remaining[stage] = len(open_terms)
                 outcome = None if open_terms else Verdict.VERIFIED
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - began

@@ -4,8 +4,8 @@ The bounds of an intermediate node are those the domain itself computes there fo
 graph (for DeepPoly/CROWN the intermediate bounds its relaxations use, for forward domains the
 element at that node; α-CROWN's are CROWN's); where a domain's module does not hold them by
 name, those of the *prefix* graph that ends at the node, compiled for the same domain. A
-ReLU-like neuron is *unstable* when its input's bounds straddle 0 (``lower < 0 < upper``): the neurons a relaxation must
-over-approximate, and the usual measure of a domain's precision.
+ReLU-like neuron is *unstable* when its input's bounds straddle 0 (``lower < 0 < upper``): the
+neurons a relaxation must over-approximate, and the usual measure of a domain's precision.
 
 Example:
     >>> import torch, certfx

@@ -344,6 +344,5 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
 
 for _fn in (lin_slopes, lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
             lin_intersect, lin_output_bounds, lin_pass_bounds, lin_unit_rows, lin_weight_rows,
-            Var, Slopes,
-            SlopePolicy):
+            Var, Slopes, SlopePolicy):
     expose_to_codegen(_fn)

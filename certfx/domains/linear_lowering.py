@@ -231,17 +231,28 @@ class _Emitter:
 
     def _exact_by_intervals(self, n: fx.Node) -> bool:
         """Whether interval propagation from the input to ``n`` is exact (module docstring)."""
+        return self._from_input_box(n, mixing=1)
+
+    def _box_image(self, n: fx.Node) -> bool:
+        """Whether the values of ``n`` are exactly the box of its interval bounds: the input box
+        mapped by elementwise affine ops and selections, each of which maps a box onto a box
+        (the input's normalization, flattening)."""
+        return self._from_input_box(n, mixing=0)
+
+    def _from_input_box(self, n: fx.Node, mixing: int) -> bool:
+        """Whether ``n`` is reached from an input *box* (ℓ∞ inputs only) by affine ops of one
+        input, of which at most ``mixing`` are not diagonal or selecting."""
         if not self.input_is_box:
             return False
-        mixing, cur = 0, n
+        cur = n
         while cur is not self.input:
             inputs = _inputs(cur)
             if _relaxed(cur) or len(inputs) != 1 or not ops.traits(cur.target).affine:
                 return False
             same_shape = cur.meta.get(SHAPE_KEY) == inputs[0].meta.get(SHAPE_KEY)
             if not (cur.target in _SELECTING or (cur.target in _DIAGONAL and same_shape)):
-                mixing += 1
-            if mixing > 1:
+                mixing -= 1
+            if mixing < 0:
                 return False
             cur = inputs[0]
         return True
@@ -349,23 +360,6 @@ class _Emitter:
         bias = rest[0] if rest else n.kwargs.get("bias")
         return (_perturbed(x) and not _perturbed(weight)
                 and not (isinstance(bias, fx.Node) and _perturbed(bias)))
-
-    def _box_image(self, n: fx.Node) -> bool:
-        """Whether the values of ``n`` are exactly the box of its interval bounds: the input box
-        (ℓ∞ inputs only) mapped by elementwise affine ops and selections, each of which maps a
-        box onto a box (the input's normalization, flattening)."""
-        if not self.input_is_box:
-            return False
-        cur = n
-        while cur is not self.input:
-            inputs = _inputs(cur)
-            if _relaxed(cur) or len(inputs) != 1 or not ops.traits(cur.target).affine:
-                return False
-            same_shape = cur.meta.get(SHAPE_KEY) == inputs[0].meta.get(SHAPE_KEY)
-            if not (cur.target in _SELECTING or (cur.target in _DIAGONAL and same_shape)):
-                return False
-            cur = inputs[0]
-        return True
 
     def _patch_plan(self, n: fx.Node) -> tuple[tuple[Any, ...], list[Any]] | None:
         """The steps and values of :func:`~certfx.domains.linear_patches.patch_rows` from

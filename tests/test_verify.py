@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import certfx
 from certfx import cli
 from certfx.frontends.vnnlib import read_counterexample, read_vnnlib
 from certfx.specs import Conjunction, Property, UnsafeRegion
@@ -103,6 +105,49 @@ def test_input_splitting_proves_what_single_bounds_cannot() -> None:
                                                             split_domain="box"))
     result = split.verify(prop)
     assert result.verdict is Verdict.VERIFIED and result.stage == "split"
+
+
+def _split_boxes(net: nn.Module, threshold: float) -> tuple[str, int]:
+    """Input splitting with box bounds of ``y < threshold`` over ``[−1, 1]²``."""
+    from certfx.verify.split import split_verify
+    cm = certfx.compile(net, domain="box", example_input=torch.zeros(1, 2))
+    region = UnsafeRegion((Conjunction(torch.tensor([[-1.0]]), torch.tensor([-threshold])),))
+    out = split_verify(lambda lo, hi, spec: cm.bounds(lo, hi, spec).lower, net,
+                       -torch.ones(1, 2), torch.ones(1, 2), region, [0], tolerance=1e-6,
+                       deadline=time.perf_counter() + 30, max_boxes=2_000)
+    return out.status, out.boxes
+
+
+def _abs_of_second_input(dead_zone: float) -> nn.Module:
+    """``relu(x₁ − z) + relu(−x₁ − z)``: ``x₀`` is ignored; zero gradient for ``|x₁| < z``."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+        net[0].bias.fill_(-dead_zone)
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        net[2].bias.zero_()
+    return net
+
+
+def test_input_splitting_bisects_the_coordinate_that_matters_when_the_centre_is_dead() -> None:
+    """At the centre both ReLUs are inactive, so its gradient is zero; the smear averaged over
+    random points in the box still finds ``x₁``: one bisection at ``x₁ = 0`` proves
+    ``y ≤ 0.8 < 0.9`` (3 boxes). Bisecting ``x₀``, which the centre's gradient cannot rule out,
+    never ends."""
+    assert _split_boxes(_abs_of_second_input(0.2), 0.9) == ("verified", 3)
+
+
+def test_input_splitting_falls_back_to_relative_width_where_every_gradient_is_zero() -> None:
+    """``relu(x₁) − relu(x₁) = 0`` has zero gradient everywhere but box bounds ``±width(x₁)``;
+    only bisecting ``x₁`` helps, and the relative-width fallback gets to it."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        net[2].bias.zero_()
+    status, boxes = _split_boxes(net, 0.3)
+    assert status == "verified" and boxes < 100, (status, boxes)
 
 
 def test_float64_results_name_their_precision_and_timeouts_are_reported() -> None:

@@ -81,6 +81,7 @@ from certfx.domains.linear_backward import BACK
 from certfx.domains.linear_lowering import (
     ALPHA_KEY,
     DEFAULT_MAX_COEFFICIENTS,
+    SPLIT_KEY,
     AlphaScope,
     IntermediateBounds,
     RuleTracer,
@@ -187,7 +188,9 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
                          lower: Tensor, upper: Tensor, *extras: Any, slopes: Slopes | None,
                          default_slopes: Slopes, bound_upper: bool = True,
                          alphas: tuple[tuple[str, int | None], ...], steps: int,
-                         lr: float, ball: tuple[Tensor, Tensor] | None = None) -> Interval:
+                         lr: float, ball: tuple[Tensor, Tensor] | None = None,
+                         splits: Any = None, lagrange_lr: float = 0.0,
+                         intermediate_out: list[Interval] | None = None) -> Interval:
     """α-CROWN's optimization loop around the generated modules (see the module docstring).
 
     Args:
@@ -201,38 +204,80 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
             number of outputs).
         steps, lr: Adam's steps and learning rate.
         ball: the ℓ2 ball ``(center, radius)`` of an ``L2Ball`` input spec, passed on.
+        splits: a branch's restrictions of the relaxed ops' inputs
+            (:func:`~certfx.domains.linear.lin_restrict`), passed on.
+        lagrange_lr: with ``splits``, also optimize the Lagrange multipliers of the split
+            constraints in the output's pass (β-CROWN's β, :func:`~certfx.domains.linear.
+            lin_lagrange`; one per neuron and output row, from 0) at this learning rate.
+        intermediate_out: with ``passes`` that also return the intermediate bounds (emitted
+            with ``result="bounds+slopes+intermediate"``), filled with their intersection over
+            all steps (each step's are sound, so their meet is): the tightest intermediate
+            bounds of the optimization, for a branch and bound to start from.
     """
     slopes = lin_slopes(slopes, default_slopes)
+    kwargs: dict[str, Any] = {"ball": ball, "splits": splits}
     differentiable = torch.is_grad_enabled()
     with torch.no_grad():
-        fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, ball=ball)) \
+        fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, **kwargs)) \
             if intermediate else ()
-        start, init = passes(lower, upper, *fixed, *extras, slopes=slopes,
-                             bound_upper=bound_upper, ball=ball)
+        start, init, *inner = passes(lower, upper, *fixed, *extras, slopes=slopes,
+                                     bound_upper=bound_upper, **kwargs)
     best_lower, best_upper = start.lower, start.upper
-    if not alphas or steps == 0:
+    tightest = [Interval(b.lower.detach(), b.upper.detach()) for b in inner[0]] if inner else []
+
+    def report() -> None:
+        if intermediate_out is not None:
+            intermediate_out[:] = tightest
+    lagrange = splits is not None and lagrange_lr > 0 and any(s is not None for s in splits)
+    if (not alphas and not lagrange) or steps == 0:
+        report()
         return _with_gradient(intermediate, passes, lower, upper, extras, slopes, bound_upper,
-                              ball, {}, best_lower, best_upper) if differentiable \
+                              kwargs, {}, best_lower, best_upper) if differentiable \
             else Interval(best_lower, best_upper)
     outputs = best_lower[0].numel() * (2 if bound_upper else 1)
     names = [name for name, _ in alphas]
     weights = [s.expand(s.shape[0], rows or outputs, *s.shape[2:]).clone().requires_grad_(True)
                for s, (_, rows) in zip(init, alphas)]
+    rows_of = [rows for _, rows in alphas]
+    # the multipliers (λ, ν) of each restricted node, per output row: (batch, rows, *shape)
+    multipliers: list[Tensor] = []
+    if lagrange:
+        for split in splits:
+            if split is not None:
+                low = split[0]
+                multipliers += [low.new_zeros(low.shape[0], outputs, *low.shape[1:])
+                                .requires_grad_(True) for _ in range(2)]
+    everything = weights + multipliers
+    rows_of += [None] * len(multipliers)
+
+    def call_kwargs(values: list[Tensor]) -> dict[str, Any]:
+        named = dict(zip(names, values[:len(names)]))
+        if lagrange:
+            pairs, rest = [], iter(values[len(names):])
+            for split in splits:
+                pairs.append(None if split is None else (next(rest), next(rest)))
+            named["multipliers"] = tuple(pairs)
+        return named
+
     # the weights at each output row's best bound so far: a row's bound depends only on its own
     # weights where every slope is per output row (rows None); joint slopes keep the last ones
-    best_weights = [w.detach().clone() for w in weights]
-    optimizer = torch.optim.Adam(weights, lr=lr)
+    best_weights = [w.detach().clone() for w in everything]
+    groups = [{"params": weights, "lr": lr}] if weights else []
+    if multipliers:
+        groups.append({"params": multipliers, "lr": lagrange_lr})
+    optimizer = torch.optim.Adam(groups)
     for step in range(steps + 1):
         with torch.enable_grad():
-            out, _ = passes(lower, upper, *fixed, *extras, slopes=slopes,
-                            bound_upper=bound_upper, ball=ball, **dict(zip(names, weights)))
+            out, _, *inner = passes(lower, upper, *fixed, *extras, slopes=slopes,
+                                    bound_upper=bound_upper, **kwargs,
+                                    **call_kwargs(everything))
             if step < steps:  # maximize every lower bound, minimize every upper bound
                 loss = (out.upper.sum() if bound_upper else 0.0) - out.lower.sum()
-                grads = torch.autograd.grad(loss, weights)
+                grads = torch.autograd.grad(loss, everything, allow_unused=True)
         improved = (out.lower.detach() > best_lower).flatten(1)
         if bound_upper:
             improved = torch.cat([improved, (out.upper.detach() < best_upper).flatten(1)], 1)
-        for best, weight, (_, rows) in zip(best_weights, weights, alphas):
+        for best, weight, rows in zip(best_weights, everything, rows_of):
             if rows is None:
                 mask = improved.reshape(*improved.shape, *[1] * (best.dim() - 2))
                 best.copy_(torch.where(mask, weight.detach(), best))
@@ -240,32 +285,39 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
                 best.copy_(weight.detach())
         best_lower = torch.maximum(best_lower, out.lower.detach())
         best_upper = torch.minimum(best_upper, out.upper.detach())
+        if inner:
+            tightest = [Interval(torch.maximum(t.lower, b.lower.detach()),
+                                 torch.minimum(t.upper, b.upper.detach()))
+                        for t, b in zip(tightest, inner[0])]
         deadline = _DEADLINE.get()
         if step == steps or (deadline is not None and time.perf_counter() > deadline):
             break
-        for weight, grad in zip(weights, grads):
-            weight.grad = grad
+        for weight, grad in zip(everything, grads):
+            weight.grad = torch.zeros_like(weight) if grad is None else grad
         optimizer.step()
         with torch.no_grad():  # project back onto the valid weights
             for weight in weights:
                 weight.clamp_(0.0, 1.0)
+            for weight in multipliers:
+                weight.clamp_(min=0.0)
+    report()
     if differentiable:
         return _with_gradient(intermediate, passes, lower, upper, extras, slopes, bound_upper,
-                              ball, dict(zip(names, best_weights)), best_lower, best_upper)
+                              kwargs, call_kwargs(best_weights), best_lower, best_upper)
     return Interval(best_lower, best_upper)
 
 
 def _with_gradient(intermediate: fx.GraphModule | None, passes: fx.GraphModule,
                    lower: Tensor, upper: Tensor, extras: tuple[Any, ...], slopes: Slopes,
-                   bound_upper: bool, ball: Any, weights: dict[str, Tensor],
+                   bound_upper: bool, kwargs: dict[str, Any], weights: dict[str, Any],
                    best_lower: Tensor, best_upper: Tensor) -> Interval:
     """The bounds once more with the chosen (constant) slopes, this time with gradients to the
     model and the input set, met with the best bounds seen (elementwise: where a bound of this
     pass is the best, its gradient flows; both are sound, so their meet is)."""
-    fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, ball=ball)) \
+    fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, **kwargs)) \
         if intermediate else ()
-    out, _ = passes(lower, upper, *fixed, *extras, slopes=slopes, bound_upper=bound_upper,
-                    ball=ball, **weights)
+    out, *_ = passes(lower, upper, *fixed, *extras, slopes=slopes, bound_upper=bound_upper,
+                     **kwargs, **weights)
     return Interval(torch.maximum(out.lower, best_lower), torch.minimum(out.upper, best_upper))
 
 
@@ -279,7 +331,7 @@ def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx
     box = not options.l2_input
     if options.optimize_intermediate:
         root.passes = emit_backsub(gm, IntermediateBounds.BACKSUB, options.slopes,
-                                   AlphaScope.ALL, result="bounds+slopes",
+                                   AlphaScope.ALL, result="bounds+slopes+intermediate",
                                    class_name="AlphaCrownPasses", max_coefficients=budget,
                                    input_is_box=box)
     else:
@@ -297,6 +349,7 @@ def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx
     slopes = graph.placeholder("slopes", default_value=None)  # None: options.slopes
     bound_upper = graph.placeholder("bound_upper", default_value=True)
     ball = graph.placeholder("ball", default_value=None)  # an L2Ball's ℓ2 ball
+    splits = graph.placeholder("splits", default_value=None)  # a branch's (lin_restrict)
     intermediate = (None if options.optimize_intermediate
                     else graph.get_attr("intermediate"))
     out = graph.call_function(alpha_crown_optimize,
@@ -304,12 +357,15 @@ def _alpha_lowering(gm: fx.GraphModule, options: AlphaCrownOptions | None) -> fx
                               {"slopes": slopes, "default_slopes": options.slopes,
                                "bound_upper": bound_upper,
                                "alphas": tuple(root.passes.meta[ALPHA_KEY]),
-                               "steps": options.steps, "lr": options.lr, "ball": ball})
+                               "steps": options.steps, "lr": options.lr, "ball": ball,
+                               "splits": splits})
     graph.output(out)
     graph._tracer_cls = RuleTracer
     module = fx.GraphModule(root, graph, class_name="AlphaCrownBounds")
     module.meta.update(gm.meta)
     module.meta[LOWER_ONLY_KEY] = True
+    restricting = root.passes if options.optimize_intermediate else root.intermediate
+    module.meta[SPLIT_KEY] = restricting.meta[SPLIT_KEY]
     return module
 
 

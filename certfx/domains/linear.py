@@ -54,6 +54,8 @@ __all__ = [
     "lin_intersect",
     "lin_output_bounds",
     "lin_pass_bounds",
+    "lin_restrict",
+    "lin_lagrange",
     "lin_unit_rows",
     "rowdot",
 ]
@@ -245,6 +247,48 @@ def lin_intersect(a: Interval, b: Interval) -> Interval:
     return Interval(torch.maximum(a.lower, b.lower), torch.minimum(a.upper, b.upper))
 
 
+def lin_restrict(bounds: Interval, splits: Any, index: int) -> Interval:
+    """The bounds of the ``index``-th split node (a relaxed op's input) within a branch of a
+    branch and bound: intersected with ``splits[index] = (lower, upper)`` when the caller
+    gives one (``splits`` ``None`` or its entry ``None``: unchanged).
+
+    A branch that fixes a ReLU's input to ``z ≥ 0`` passes ``lower = 0`` there (``−inf``
+    elsewhere); the bounds then hold on the branch's inputs only, and every later bound of the
+    pass is computed from them (Bunel et al. 2020's ReLU splitting, without β-CROWN's
+    Lagrangian terms). An empty intersection (``lower > upper``) shows the branch holds no
+    input."""
+    if splits is None or splits[index] is None:
+        return bounds
+    lower, upper = splits[index]
+    return Interval(torch.maximum(bounds.lower, lower), torch.minimum(bounds.upper, upper))
+
+
+def lin_lagrange(a: LinearBounds, multipliers: Any, splits: Any, index: int) -> LinearBounds:
+    """The rows ``a`` of the output's pass at the ``index``-th split node ``z``, with a branch's
+    split constraints ``z ≥ l_s`` and ``z ≤ u_s`` (``splits[index] = (l_s, u_s)``) added by
+    Lagrange multipliers ``multipliers[index] = (λ, ν)`` (β-CROWN, Wang et al. 2021, Sec. 3.1,
+    Eq. 5–7): on the branch ``λ·(z − l_s) ≥ 0`` and ``ν·(u_s − z) ≥ 0`` for ``λ, ν ≥ 0``, so
+
+        ``q ≥ ⟨A, z⟩ + b ≥ ⟨A − λ + ν, z⟩ + b + ⟨λ, l_s⟩ − ⟨ν, u_s⟩``.
+
+    Sound for any multipliers: negative ones are taken as 0, and so are those of a bound that
+    is infinite (no constraint). ``λ, ν``: ``(batch, R, *node_shape)``; unchanged without them.
+    """
+    if multipliers is None or multipliers[index] is None or splits is None \
+            or splits[index] is None:
+        return a
+    lam, nu = multipliers[index]
+    low, high = splits[index]
+    has_low, has_high = torch.isfinite(low).unsqueeze(1), torch.isfinite(high).unsqueeze(1)
+    # (a where, not a clamp: the gradient must flow at 0, where the multipliers start)
+    lam = torch.where(has_low & (lam >= 0), lam, 0.0)
+    nu = torch.where(has_high & (nu >= 0), nu, 0.0)
+    low = torch.where(has_low, low.unsqueeze(1), 0.0)
+    high = torch.where(has_high, high.unsqueeze(1), 0.0)
+    bias = (lam * low - nu * high).flatten(2).sum(2)
+    return LinearBounds(a.coef - lam + nu, a.bias + bias)
+
+
 def lin_output_bounds(rows: Tensor, spec: Tensor | None, shape: tuple[int, ...],
                       bound_upper: bool = True) -> Interval:
     """Like :func:`lin_split` for the output node: ``shape`` without a specification, the
@@ -342,7 +386,7 @@ def lin_pass_bounds(backward_pass: Callable[..., Tensor], intervals: Interval,
                     upper.scatter(1, index, new_upper).reshape(intervals.upper.shape))
 
 
-for _fn in (lin_slopes, lin_input, lin_identity, lin_output_start, lin_add, lin_concretize, lin_split,
-            lin_intersect, lin_output_bounds, lin_pass_bounds, lin_unit_rows, lin_weight_rows,
-            Var, Slopes, SlopePolicy):
+for _fn in (lin_slopes, lin_input, lin_identity, lin_output_start, lin_add, lin_concretize,
+            lin_split, lin_intersect, lin_output_bounds, lin_pass_bounds, lin_restrict,
+            lin_lagrange, lin_unit_rows, lin_weight_rows, Var, Slopes, SlopePolicy):
     expose_to_codegen(_fn)

@@ -27,6 +27,9 @@ The generated ``forward(lower, upper, spec=None, slopes=None, bound_upper=True)`
 :class:`~certfx.domains.interval.Interval` on the outputs (with ``spec``: on ``C·output``);
 with ``bound_upper=False`` the output's pass bounds only from below (half the rows; the upper
 bounds are then ``+inf``) — all that margin certification and certified training need.
+``splits`` restricts the bounds of the relaxed ops' inputs to a branch of a branch and bound
+(:func:`~certfx.domains.linear.lin_restrict`; which nodes, in ``meta[SPLIT_KEY]``); every later
+bound is computed from the restricted ones.
 Variants for α-CROWN take the lower slopes as extra inputs (see :mod:`certfx.domains.crown`).
 
 Example:
@@ -34,7 +37,7 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
     >>> gm = emit_backsub(certfx.load(net, torch.zeros(1, 2)), IntermediateBounds.BACKSUB)
     >>> print(gm.code.split("def forward")[1].split(":")[0])
-    (self, lower, upper, slopes = None, bound_upper = True, ball = None)
+    (self, lower, upper, slopes = None, bound_upper = True, ball = None, splits = None, multipliers = None)
     >>> "back_relu(" in gm.code and "lin_concretize(" in gm.code
     True
 """
@@ -65,6 +68,8 @@ from certfx.domains.linear import (
     lin_output_bounds,
     lin_output_start,
     lin_pass_bounds,
+    lin_lagrange,
+    lin_restrict,
     lin_slopes,
     lin_unit_rows,
     lin_split,
@@ -75,12 +80,17 @@ from certfx.domains.linear_patches import lin_fill, patch_rows, patch_size
 from certfx.domains.relaxations import RELAXATIONS, linear_relaxation
 from certfx.errors import CertfxError, UnsupportedOp, UnsupportedOpsError
 
-__all__ = ["IntermediateBounds", "AlphaScope", "emit_backsub", "ALPHA_KEY",
+__all__ = ["IntermediateBounds", "AlphaScope", "emit_backsub", "ALPHA_KEY", "SPLIT_KEY",
            "DEFAULT_MAX_COEFFICIENTS", "RuleTracer"]
 
 PERTURBED_KEY = "certfx.perturbed"  # as written by passes.mark_perturbed / shape_prop
 SHAPE_KEY = "certfx.shape"
 ALPHA_KEY = "certfx.alpha"  # meta of α modules: [(placeholder name, rows or None)]
+# meta of modules that take ``splits``: per entry ``k`` of ``splits`` (the relaxed ops' inputs
+# that the output's pass needs, in graph order), ``(node name, kinked)`` — kinked where only
+# ReLU-like ops read the node, whose relaxation is exact on either side of 0 — or ``None``
+# where the entry is not restricted (the network's input itself)
+SPLIT_KEY = "certfx.split_nodes"
 
 # Affine ops that keep a box a box exactly (diagonal maps, selections, embeddings).
 _DIAGONAL = {ops.mul, ops.div, ops.neg, ops.batch_norm, ops.add, ops.sub}
@@ -208,6 +218,13 @@ class _Emitter:
         self.bound_upper = self.g.placeholder("bound_upper", default_value=True)
         # an ℓ2 ball (center, radius) the input set also lies in (L2Ball input specs)
         self.ball = self.g.placeholder("ball", default_value=None)
+        # a branch of a branch and bound: restrictions of the relaxed ops' inputs (lin_restrict;
+        # given bounds, bounds_inputs, come restricted already) and the Lagrange multipliers of
+        # those constraints in the output's pass (lin_lagrange)
+        self.splits = self.g.placeholder("splits", default_value=None)
+        self.multipliers = self.g.placeholder("multipliers", default_value=None)
+        self.restricted: set[fx.Node] = (set(self.final_inputs) - {self.input} if bounds_inputs
+                                         else set())  # the nodes splits[k] restricts
         self.slopes = self._call(lin_slopes, (given, slopes), "slopes")
         self.box = self._call(lin_input, (self.lower, self.upper, self.ball), "x")
         self.bounds[self.input] = self.box
@@ -295,15 +312,24 @@ class _Emitter:
                                                  name=n.name)
             elif n in method:
                 self._emit_bounds(n, method[n])
+                if n in self.final_inputs:
+                    self.restricted.add(n)
+                    self.bounds[n] = self._call(
+                        lin_restrict, (self.bounds[n], self.splits,
+                                       self.final_inputs.index(n)), f"{n.name}_split")
         if result == "intermediate":
             self.g.output(tuple(self.bounds[p] for p in self.final_inputs))
             return self.g
         shape = self._shape(self.output)
         start = self._call(lin_output_start, (self.lower, self.spec, shape, self.bound_upper),
                            "out_start")
-        rows = self._backsub(self.output, start, "out")
+        rows = self._backsub(self.output, start, "out", lagrange=True)
         out = self._call(lin_output_bounds, (rows, self.spec, shape, self.bound_upper), "out")
-        self.g.output(out if result == "bounds" else (out, tuple(self.slope_nodes)))
+        if result == "bounds+slopes+intermediate":  # α-β branch and bound's root
+            self.g.output((out, tuple(self.slope_nodes),
+                           tuple(self.bounds[p] for p in self.final_inputs)))
+        else:
+            self.g.output(out if result == "bounds" else (out, tuple(self.slope_nodes)))
         return self.g
 
     def _shape(self, n: fx.Node) -> tuple[int, ...]:
@@ -441,7 +467,7 @@ class _Emitter:
 
     def _backsub(self, start: fx.Node, a0: fx.Node, name: str,
                  call: Callable[..., fx.Node] | None = None,
-                 entry: fx.Node | None = None) -> fx.Node:
+                 entry: fx.Node | None = None, lagrange: bool = False) -> fx.Node:
         """Emit the backward pass from ``start`` to the input, given the linear bounds ``a0``
         of ``start`` over the node ``entry`` (default ``start`` itself); returns the concretized
         rows. ``call`` emits into another graph (a :class:`_SubPass`, whose memory the chunking
@@ -450,7 +476,8 @@ class _Emitter:
         The pass stops early at a node whose values are exactly its interval box
         (:meth:`_box_image`, e.g. the normalized input) once every row's coefficients are on that
         node alone: concretizing there gives the same bounds as at the input, without carrying
-        the coefficients through the normalization."""
+        the coefficients through the normalization. With ``lagrange`` (the output's pass), the
+        rows take a branch's split constraints at each restricted node (:func:`lin_lagrange`)."""
         self.starts[name] = start
         entry = start if entry is None else entry
         ancestors = self._ancestors(entry)
@@ -462,6 +489,9 @@ class _Emitter:
             if n not in ancestors or n is self.input or n not in pending:
                 continue
             a = pending.pop(n)
+            if lagrange and n in self.restricted:
+                a = call(lin_lagrange, (a, self.multipliers, self.splits,
+                                        self.final_inputs.index(n)), f"{name}_lagrange_{n.name}")
             if not pending and n in self.bounds and self._box_image(n):
                 return call(lin_concretize, (a, self.bounds[n]), f"{name}_rows")
             inputs = _inputs(n)
@@ -534,8 +564,9 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
             (``rows`` None: twice the number of specified outputs).
         bounds_inputs: take the bounds the output's pass needs as inputs ``bounds_<node>``
             instead of computing them.
-        result: ``"bounds"``, ``"intermediate"`` (return those bounds) or ``"bounds+slopes"``
-            (also return the lower slopes used for every α input, in order).
+        result: ``"bounds"``, ``"intermediate"`` (return those bounds), ``"bounds+slopes"``
+            (also return the lower slopes used for every α input, in order) or
+            ``"bounds+slopes+intermediate"`` (and then the bounds of the relaxed ops' inputs).
         class_name: the generated class's name.
         max_coefficients: the largest coefficient tensor (entries per example) a backward pass
             may form; the dense coefficients of a pass from a node of ``N`` neurons hold
@@ -567,4 +598,6 @@ def emit_backsub(gm: fx.GraphModule, intermediate: IntermediateBounds,
     out.meta.update(gm.meta)
     out.meta[ALPHA_KEY] = list(emitter.alphas)
     out.meta[LOWER_ONLY_KEY] = result != "intermediate"
+    out.meta[SPLIT_KEY] = [(p.name, all(u.target in _KINKED for u in p.users if _perturbed(u)))
+                           if p in emitter.restricted else None for p in emitter.final_inputs]
     return out

@@ -60,11 +60,12 @@ from torch import Tensor
 from certfx.compile import LOWER_ONLY_KEY, CertifiedModule
 from certfx.compile import compile as compile_model
 from certfx.domains import available_domains, get_domain
-from certfx.domains.crown import optimization_deadline
+from certfx.domains.crown import AlphaCrownOptions, optimization_deadline
 from certfx.errors import (CertfxError, InvalidValueError, ShapeError, SpecError,
                            UnsupportedOpsError)
 from certfx.specs import Box, Property
 from certfx.verify.attacks import Loss, PGDConfig, pgd_property, recheck
+from certfx.verify.relu_split import AlphaCrownBranches, relu_split_verify, splittable
 from certfx.verify.split import MAX_INPUTS, split_verify
 
 __all__ = ["Verdict", "CascadeOptions", "PropertyResult", "Verifier", "DEFAULT_METHODS",
@@ -262,8 +263,7 @@ class Verifier:
                seconds: float, notes: list[str]
                ) -> tuple[Verdict | None, tuple[Tensor, Tensor] | None]:
         if lower.numel() > MAX_INPUTS:
-            notes.append(f"split skipped: {lower.numel()} inputs (more than {MAX_INPUTS})")
-            return None, None
+            return self._relu_split(prop, lower, upper, open_terms, seconds, notes), None
         cm = self._bounds(self.options.split_domain)
 
         def bound_rows(lo: Tensor, hi: Tensor, spec: Tensor) -> Tensor:
@@ -281,6 +281,27 @@ class Verifier:
             if witness is not None:
                 return Verdict.FALSIFIED, witness
         return None, None
+
+    def _relu_split(self, prop: Property, lower: Tensor, upper: Tensor, open_terms: list[int],
+                    seconds: float, notes: list[str]) -> Verdict | None:
+        try:
+            bounds = self._bounds("alpha-crown").bounds
+            key = "alpha-crown, optimize_intermediate"  # the root's bounds (AlphaCrownBranches)
+            if key not in self._compiled:
+                self._compiled[key] = compile_model(
+                    self.graph, domain="alpha-crown",
+                    domain_options=AlphaCrownOptions(optimize_intermediate=True))
+        except CertfxError as err:
+            notes.append(f"split skipped: {str(err).splitlines()[0]}")
+            return None
+        if not splittable(bounds):
+            notes.append("split skipped: no relaxed neuron to split")
+            return None
+        branches = AlphaCrownBranches(bounds, root=self._compiled[key].bounds)
+        out = relu_split_verify(branches, lower, upper, prop.unsafe, open_terms,
+                                self.options.margin_tolerance, time.perf_counter() + seconds)
+        notes.append(f"split: {out.branches} neuron branches bounded, {out.status}")
+        return Verdict.VERIFIED if out.status == "verified" else None
 
     def _milp(self, prop: Property, seconds: float, notes: list[str]
               ) -> tuple[Verdict | None, tuple[Tensor, Tensor] | None]:

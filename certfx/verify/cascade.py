@@ -13,10 +13,11 @@ open, and the first definite answer ends the property:
   domain): lower bounds of every open term's rows ``C_r y − d_r`` over the box. A term is empty
   when some row's bound exceeds the tolerance; terms shown empty stay closed for later stages.
   Every term empty: *verified*.
-* ``split``: input-domain branch and bound (:mod:`certfx.verify.split`) with the
-  ``split_domain``'s bounds, for inputs of at most :data:`~certfx.verify.split.MAX_INPUTS`
-  values (skipped otherwise); it gets ``split_share`` of the time left when MILP follows. An
-  unsafe box centre it meets is re-checked like an attack's point.
+* ``split``: branch and bound; it gets ``split_share`` of the time left when MILP follows. For
+  inputs of at most :data:`~certfx.verify.split.MAX_INPUTS` values, bisecting the input box
+  (:mod:`certfx.verify.split`) with the ``split_domain``'s bounds; an unsafe point it meets is
+  re-checked like an attack's. For larger inputs, splitting unstable neurons
+  (:mod:`certfx.verify.relu_split`, α,β-CROWN style), which only ever proves.
 * ``milp``: the exact MILP backend (:mod:`certfx.backends.milp`) on the remaining time, its
   counterexamples re-checked the same way.
 
@@ -100,7 +101,8 @@ class CascadeOptions:
         tolerance: a bound must exceed this to prove a row (``None``: by dtype).
         attack: the PGD settings of the first attack.
         retry_attack: a stronger attack run after the bound stages (``None``: none).
-        split_domain: the domain bounding the pieces of ``split``.
+        split_domain: the domain bounding the input pieces of ``split`` (neuron splitting
+            always uses alpha-crown: it needs its intermediate bounds and slopes).
         split_share: the share of the time left that ``split`` gets when ``milp`` follows.
         milp: :class:`~certfx.backends.milp.MilpOptions` (its time limit is replaced by what is
             left of ``timeout``); ``None`` for the defaults.

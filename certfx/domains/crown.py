@@ -228,6 +228,7 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
     def report() -> None:
         if intermediate_out is not None:
             intermediate_out[:] = tightest
+
     lagrange = splits is not None and lagrange_lr > 0 and any(s is not None for s in splits)
     if (not alphas and not lagrange) or steps == 0:
         report()

@@ -71,11 +71,12 @@ from certfx.domains.interval import Interval
 from certfx.domains.linear import Slopes
 from certfx.domains.linear_lowering import ALPHA_KEY, SPLIT_KEY
 from certfx.specs import UnsafeRegion
-from certfx.verify.split import _rows
+from certfx.verify.split import term_rows
 
 __all__ = ["ReluSplitOutcome", "AlphaCrownBranches", "relu_split_verify", "splittable"]
 
 LEAF_STEPS = 100  # optimization steps for a branch with no neuron left to split
+MIN_SMOOTH_WIDTH = 1e-4  # a smooth activation's input narrower than this is not split again
 
 
 @dataclass(frozen=True)
@@ -189,15 +190,14 @@ def _scores(entries: list[tuple[str, bool] | None], fixed: tuple[Interval, ...],
             continue
         _, kinked = entry
         crossing = (lo < 0) & (hi > 0)
-        wide = hi > lo
         finite = torch.isfinite(lo) & torch.isfinite(hi)
-        candidate = finite & (crossing if kinked else wide)
+        candidate = finite & (crossing if kinked else hi - lo > MIN_SMOOTH_WIDTH)
         gain = gl.flatten(1).abs() * lo.abs() + gu.flatten(1).abs() * hi.abs()
         # a tiny share of the width breaks ties among neurons the gradient does not see
         gain = gain + 1e-6 * (hi - lo).clamp(min=0).nan_to_num(0.0)
         scores.append(torch.where(candidate, gain.nan_to_num(0.0), -torch.inf))
-        points.append(torch.where(crossing | torch.tensor(kinked), torch.zeros_like(lo),
-                                  (lo + hi) / 2))
+        at_zero = torch.ones_like(crossing) if kinked else crossing
+        points.append(torch.where(at_zero, torch.zeros_like(lo), (lo + hi) / 2))
     return torch.cat(scores, 1), torch.cat(points, 1)
 
 
@@ -259,7 +259,7 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
             of the output's pass alone (β-CROWN's choice: one pass per branch).
         max_branches: branches in the queue beyond which the stage gives up (``unknown``).
     """
-    matrix, offset, owner = _rows(region, terms, lower.dtype, lower.device)
+    matrix, offset, owner = term_rows(region, terms, lower.dtype, lower.device)
     n_terms = len(terms)
     entries = branches.entries
     with torch.no_grad():  # the root's intermediate bounds, unrestricted
@@ -316,8 +316,9 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
         best = scores.argmax(1, keepdim=True)
         leaf = torch.isinf(scores.gather(1, best))[:, 0]
         if bool(leaf.any()):
-            # nothing left to split: every relaxation is exact there, what is left is the
-            # multipliers' optimization, so it gets LEAF_STEPS steps before the stage gives up
+            # nothing left to split: every ReLU's relaxation is exact there (smooth ones are
+            # narrow), what is left is the multipliers' optimization, so it gets LEAF_STEPS
+            # steps before the stage gives up
             leaves = now.pick(leaf)
             with torch.no_grad():
                 again = branches.rows(x_lo[leaf], x_hi[leaf], spec[leaf],

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from certfx.specs import UnsafeRegion
 
-__all__ = ["SplitOutcome", "split_verify", "MAX_INPUTS"]
+__all__ = ["SplitOutcome", "split_verify", "term_rows", "MAX_INPUTS"]
 
 MAX_INPUTS = 64  # above, bisecting one coordinate at a time rarely helps
 SMEAR_SAMPLES = 8  # random points per box for the smear (besides its centre)
@@ -70,7 +70,7 @@ class SplitOutcome:
     boxes: int
 
 
-def _rows(region: UnsafeRegion, terms: list[int], dtype: torch.dtype,
+def term_rows(region: UnsafeRegion, terms: list[int], dtype: torch.dtype,
           device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Stacked rows of ``terms``: matrix ``(R, K)``, offsets ``(R,)``, term of each row."""
     picked = [region.terms[i] for i in terms]
@@ -119,7 +119,7 @@ def split_verify(bound_rows: Callable[[Tensor, Tensor, Tensor], Tensor], network
         max_boxes: pieces in the queue beyond which the stage gives up (``unknown``).
     """
     shape = lower.shape[1:]
-    matrix, offset, owner = _rows(region, terms, lower.dtype, lower.device)
+    matrix, offset, owner = term_rows(region, terms, lower.dtype, lower.device)
     n_terms = len(terms)
     queue_lo, queue_hi = lower.flatten(1), upper.flatten(1)
     queue_open = torch.ones(1, n_terms, dtype=torch.bool, device=lower.device)

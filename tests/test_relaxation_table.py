@@ -134,6 +134,33 @@ def test_invalid_domains_give_non_finite_bounds() -> None:
     assert torch.isinf(lin.lower_bias).all() and torch.isinf(lin.upper_bias).all()
 
 
-def test_free_slope_only_for_relu_like_ops() -> None:
-    with pytest.raises(ValueError, match="no free lower slope"):
-        linear_relaxation(ops.sigmoid, torch.zeros(1), torch.ones(1), lower_slope=torch.ones(1))
+def test_free_lower_line_only_for_relu_like_and_s_shaped_ops() -> None:
+    for op in (ops.exp, ops.hardtanh):
+        args = (-1.0, 1.0) if op is ops.hardtanh else ()
+        with pytest.raises(ValueError, match="no free lower slope"):
+            linear_relaxation(op, torch.zeros(1), torch.ones(1), *args,
+                              lower_slope=torch.ones(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", [ops.sigmoid, ops.tanh])
+def test_s_shaped_lower_lines_hold_at_every_tangent_position(op, dtype) -> None:
+    """α-CROWN's positions (0, 1, anything between, and beyond: projected) all give sound
+    lower lines, with finite gradients; the upper line does not move."""
+    torch.manual_seed(2)
+    lo, hi = _intervals("any", dtype)
+    default = linear_relaxation(op, lo, hi)
+    x = lo + torch.linspace(0, 1, 201, dtype=dtype).unsqueeze(1) * (hi - lo)
+    x = torch.minimum(torch.maximum(x, lo), hi)
+    y = op(x)
+    rel = 1e-6 if dtype == torch.float32 else 1e-14
+    for position in (torch.zeros(N, dtype=dtype), torch.ones(N, dtype=dtype),
+                     torch.rand(N, dtype=dtype), torch.rand(N, dtype=dtype) * 3 - 1):
+        position.requires_grad_(True)
+        lin = linear_relaxation(op, lo, hi, lower_slope=position)
+        line = lin.lower_slope * x + lin.lower_bias
+        scale = 1 + y.abs() + (lin.lower_slope * x).abs() + lin.lower_bias.abs()
+        assert bool((line <= y + rel * scale).all())
+        torch.testing.assert_close(lin.upper_slope, default.upper_slope)
+        (lin.lower_slope.sum() + lin.lower_bias.sum()).backward()
+        assert torch.isfinite(position.grad).all()

@@ -209,11 +209,25 @@ def _make_relax(op: Callable[..., Any]) -> Callable[..., LinearRelaxation]:
                   "on the bounds of its input, from the shared relaxation table.")
 
 
+# S-shaped ops: the weight positions the lower line's tangent point in its valid range (the
+# relaxation table's ``lower_slope`` for them), tighter than a blend of the two end tangents
+_POSITIONED = {ops.sigmoid, ops.tanh}
+
+
 def _make_weighted_relax(op: Callable[..., Any]) -> Callable[..., WeightedRelaxation]:
     def relax(bounds: Interval, *op_args: Any, slopes: Slopes = Slopes(),
               alpha: Tensor | None = None) -> WeightedRelaxation:
         # α-CROWN (Xu et al. 2021, Sec. 3.1): one weight per neuron and row, (batch, R, *shape).
         lo, up = bounds.lower.unsqueeze(1), bounds.upper.unsqueeze(1)
+        if op in _POSITIONED:
+            if alpha is None:  # the policy's lines, and the middle of the range to start from
+                r = linear_relaxation(op, lo, up, *op_args)
+                return WeightedRelaxation(r.lower_slope, r.lower_bias, r.upper_slope,
+                                          r.upper_bias, torch.full_like(r.lower_slope, 0.5))
+            w = alpha + (alpha.clamp(0.0, 1.0) - alpha).detach()
+            r = linear_relaxation(op, lo, up, *op_args, lower_slope=w)
+            return WeightedRelaxation(r.lower_slope, r.lower_bias, r.upper_slope,
+                                      r.upper_bias, w)
         low = linear_relaxation(op, lo, up, *op_args, lower_slope=torch.zeros_like(lo))
         high = linear_relaxation(op, lo, up, *op_args, lower_slope=torch.ones_like(lo))
         span = high.lower_slope - low.lower_slope

@@ -4,8 +4,9 @@ Each entry gives the two forms of :mod:`certfx.domains.relaxations` — sound li
 (:class:`LinearRelaxation`, for back-substitution) and a parallelogram
 (:class:`ParallelRelaxation`, for zonotopes) — on pre-activation bounds ``[l, u]``, point
 intervals included (no NaN). The free-slope arguments of the table's interface (``policy``,
-``pq``) only matter for hardtanh's kinks; ``lower_slope`` (α-CROWN) is rejected, as only the
-ReLU-like entries have a free lower slope. Where a function is unbounded on ``[l, u]`` (log for
+``pq``) only matter for hardtanh's kinks. ``lower_slope`` (α-CROWN's variable) is, for sigmoid
+and tanh, the position in ``[0, 1]`` of the lower line's tangent point within its valid range
+(see :func:`_s_upper_line`); the other entries reject it. Where a function is unbounded on ``[l, u]`` (log for
 ``l ≤ 0``, reciprocal across 0) the bounds are NaN or infinite, so nothing can be certified.
 
 Example:
@@ -58,10 +59,10 @@ _EXP_POSITIVE_DELTA = 1.0 / 64
 
 
 def _no_free_slope(op: str, lower_slope: Tensor | None) -> None:
-    """Only ReLU-like entries have a free lower slope for α-CROWN to optimize."""
+    """Only ReLU-like and S-shaped entries have a free lower line for α-CROWN to optimize."""
     if lower_slope is not None:
         raise ValueError(f"the {op} relaxation has no free lower slope; pass lower_slope only "
-                         "for relu and leaky_relu")
+                         "for relu, leaky_relu, sigmoid and tanh")
 
 
 def _chord_or_tangent(f_l: Tensor, f_u: Tensor, lower: Tensor, upper: Tensor,
@@ -101,7 +102,7 @@ def _flip_concave(r: LinearRelaxation) -> LinearRelaxation:
 # ---- sigmoid and tanh: S-shaped, point-symmetric about (0, f(0)) -----------------------------
 
 def _s_upper_line(f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor], lower: Tensor,
-                  upper: Tensor) -> tuple[Tensor, Tensor]:
+                  upper: Tensor, position: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A sound upper line of an S-shaped ``f`` on ``[l, u]`` (CROWN, Zhang et al. 2018, Sec. 3.2;
     DeepPoly, Singh et al. 2019, Sec. 4.3), as ``(slope, bias)``.
 
@@ -114,7 +115,10 @@ def _s_upper_line(f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor],
       ``φ(d) = f(d) + f'(d)(l − d) − f(l) ≥ 0``. ``φ`` is non-decreasing on ``[0, ∞)``
       (``φ' = f''(d)(l − d) ≥ 0``) and ``φ(u) = (u − l)(k − f'(u)) > 0``, so bisection keeps
       a valid ``d`` as its upper end. Among valid points the midpoint ``m`` minimizes the area
-      (``∂/∂d ∫ T_d = (u − l) f''(d)(m − d)``), hence ``d = max(d_valid, m)``.
+      (``∂/∂d ∫ T_d = (u − l) f''(d)(m − d)``), hence ``d = max(d_valid, m)``. With
+      ``position`` ``p ∈ [0, 1]`` (α-CROWN's free variable for S-shaped functions, Xu et al.
+      2021, Sec. 3.1), ``d = d_valid + p·(u − d_valid)``: every point of ``[d_valid, u]`` is
+      valid, as ``φ`` is non-decreasing.
     """
     f_l, f_u, df_u = f(lower), f(upper), df(upper)
     k = _chord_or_tangent(f_l, f_u, lower, upper, df(lower))
@@ -126,6 +130,10 @@ def _s_upper_line(f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor],
             ok = f(mid) + df(mid) * (lower - mid) - f_l >= 0
             hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
         d = torch.maximum(hi, (lower + upper) / 2)
+    if position is not None:  # outside no_grad: the gradient reaches the position
+        # projected onto [0, 1] with the identity's gradient (a clamp's is 0 at the ends)
+        p = position + (position.clamp(0.0, 1.0) - position).detach()
+        d = hi + p * (upper - hi)
     df_d = df(d)
     chord_ok = k <= df_u
     slope = torch.where(chord_ok, k, df_d)
@@ -134,11 +142,13 @@ def _s_upper_line(f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor],
 
 
 def _s_linear(f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor], f0: float,
-              lower: Tensor, upper: Tensor) -> LinearRelaxation:
+              lower: Tensor, upper: Tensor, lower_position: Tensor | None = None
+              ) -> LinearRelaxation:
     """Both lines of an S-shaped ``f`` with ``f(x) = 2 f(0) − f(−x)``: the lower line on
-    ``[l, u]`` is the reflection of the upper line on ``[−u, −l]``."""
+    ``[l, u]`` is the reflection of the upper line on ``[−u, −l]`` (``lower_position``: where
+    its tangent point lies in its valid range, 1 at ``l``; see :func:`_s_upper_line`)."""
     up_slope, up_bias = _s_upper_line(f, df, lower, upper)
-    lo_slope, refl_bias = _s_upper_line(f, df, -upper, -lower)
+    lo_slope, refl_bias = _s_upper_line(f, df, -upper, -lower, lower_position)
     return LinearRelaxation(lo_slope, 2 * f0 - refl_bias, up_slope, up_bias)
 
 
@@ -164,15 +174,13 @@ def _dtanh(x: Tensor) -> Tensor:
 def _sigmoid_linear(lower: Tensor, upper: Tensor, *, policy: SlopePolicy = SlopePolicy.ADAPTIVE,
                     lower_slope: Tensor | None = None,
                     pq: tuple[float, float] = (1.0, 0.0)) -> LinearRelaxation:
-    _no_free_slope("sigmoid", lower_slope)
-    return _s_linear(torch.sigmoid, _dsigmoid, 0.5, lower, upper)
+    return _s_linear(torch.sigmoid, _dsigmoid, 0.5, lower, upper, lower_slope)
 
 
 def _tanh_linear(lower: Tensor, upper: Tensor, *, policy: SlopePolicy = SlopePolicy.ADAPTIVE,
                  lower_slope: Tensor | None = None,
                  pq: tuple[float, float] = (1.0, 0.0)) -> LinearRelaxation:
-    _no_free_slope("tanh", lower_slope)
-    return _s_linear(torch.tanh, _dtanh, 0.0, lower, upper)
+    return _s_linear(torch.tanh, _dtanh, 0.0, lower, upper, lower_slope)
 
 
 def _sigmoid_parallel(lower: Tensor, upper: Tensor) -> ParallelRelaxation:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import certfx
 from certfx.backends.milp import MilpOptions, output_bounds
 from certfx.backends.milp.ortools import SCIP_PARAMETERS
+from certfx.domains.crown import AlphaCrownOptions
 from certfx.domains.linear_lowering import SPLIT_KEY
 from certfx.specs import Conjunction, Property, UnsafeRegion
 from certfx.verify.cascade import CascadeOptions, Verdict, Verifier
@@ -97,8 +98,9 @@ def test_restricted_bounds_with_lagrange_terms_hold_on_every_input_of_the_branch
     assert (optimized >= plain - 1e-6).all()  # the multipliers start at 0: never worse
 
 
+@pytest.mark.parametrize("variant", ["parent bounds", "recompute", "optimized root"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_branch_and_bound_agrees_with_the_exact_minimum(seed) -> None:
+def test_branch_and_bound_agrees_with_the_exact_minimum(seed, variant) -> None:
     """Verified just below the exact minimum (MILP), never just above it."""
     net = _net(seed, (4, 12, 12, 12, 1))
     gen = torch.Generator().manual_seed(seed)
@@ -107,10 +109,15 @@ def test_branch_and_bound_agrees_with_the_exact_minimum(seed) -> None:
     exact = float(output_bounds(certfx.load(net, lo), lo[0].double(), hi[0].double(),
                                 EXACT).lower[0])
     cm = certfx.compile(net, domain="alpha-crown", input_spec=UNBOUNDED, example_input=lo)
+    root = None
+    if variant == "optimized root":
+        root = certfx.compile(net, domain="alpha-crown", input_spec=UNBOUNDED, example_input=lo,
+                              domain_options=AlphaCrownOptions(optimize_intermediate=True)).bounds
     for offset, verifiable in ((exact - 0.02 * abs(exact) - 1e-3, True), (exact + 1e-3, False)):
         unsafe = UnsafeRegion((Conjunction(torch.tensor([[1.0]]), torch.tensor([offset])),))
-        out = relu_split_verify(AlphaCrownBranches(cm.bounds), lo, hi, unsafe, [0],
-                                tolerance=1e-6, deadline=time.perf_counter() + 60)
+        out = relu_split_verify(AlphaCrownBranches(cm.bounds, root=root), lo, hi, unsafe, [0],
+                                tolerance=1e-6, deadline=time.perf_counter() + 60,
+                                recompute=variant == "recompute")
         assert (out.status == "verified") == verifiable, (offset, exact, out)
 
 
@@ -132,3 +139,14 @@ def test_cascade_splits_neurons_where_the_input_is_too_large_to_bisect() -> None
     result = verifier.verify(prop)
     assert result.verdict is Verdict.VERIFIED and result.stage == "split"
     assert any("neuron branches" in note for note in result.notes)
+
+
+def test_branches_need_an_alpha_crown_module_with_intermediate_bounds() -> None:
+    net = _net(0, (3, 4, 1))
+    x = torch.zeros(1, 3)
+    for domain, options in (("crown", None),
+                            ("alpha-crown", AlphaCrownOptions(optimize_intermediate=True))):
+        cm = certfx.compile(net, domain=domain, input_spec=UNBOUNDED, example_input=x,
+                            domain_options=options)
+        with pytest.raises(ValueError, match="alpha-crown"):
+            AlphaCrownBranches(cm.bounds)

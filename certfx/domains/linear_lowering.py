@@ -86,10 +86,8 @@ __all__ = ["IntermediateBounds", "AlphaScope", "emit_backsub", "ALPHA_KEY", "SPL
 PERTURBED_KEY = "certfx.perturbed"  # as written by passes.mark_perturbed / shape_prop
 SHAPE_KEY = "certfx.shape"
 ALPHA_KEY = "certfx.alpha"  # meta of α modules: [(placeholder name, rows or None)]
-# meta of modules that take ``splits``: per entry ``k`` of ``splits`` (the relaxed ops' inputs
-# that the output's pass needs, in graph order), ``(node name, kinked)`` — kinked where only
-# ReLU-like ops read the node, whose relaxation is exact on either side of 0 — or ``None``
-# where the entry is not restricted (the network's input itself)
+# meta: per entry of ``splits`` (the relaxed ops' inputs the output's pass needs, in graph
+# order) ``(node name, kinked: only ReLU-like ops read it)``, or None if not restricted (input)
 SPLIT_KEY = "certfx.split_nodes"
 
 # Affine ops that keep a box a box exactly (diagonal maps, selections, embeddings).
@@ -218,9 +216,8 @@ class _Emitter:
         self.bound_upper = self.g.placeholder("bound_upper", default_value=True)
         # an ℓ2 ball (center, radius) the input set also lies in (L2Ball input specs)
         self.ball = self.g.placeholder("ball", default_value=None)
-        # a branch of a branch and bound: restrictions of the relaxed ops' inputs (lin_restrict;
-        # given bounds, bounds_inputs, come restricted already) and the Lagrange multipliers of
-        # those constraints in the output's pass (lin_lagrange)
+        # a branch: restrictions of the relaxed ops' inputs (lin_restrict; given bounds come
+        # restricted) and their Lagrange multipliers in the output's pass (lin_lagrange)
         self.splits = self.g.placeholder("splits", default_value=None)
         self.multipliers = self.g.placeholder("multipliers", default_value=None)
         self.restricted: set[fx.Node] = (set(self.final_inputs) - {self.input} if bounds_inputs

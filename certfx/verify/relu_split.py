@@ -77,6 +77,7 @@ __all__ = ["ReluSplitOutcome", "AlphaCrownBranches", "relu_split_verify", "split
 
 LEAF_STEPS = 100  # optimization steps for a branch with no neuron left to split
 MIN_SMOOTH_WIDTH = 1e-4  # a smooth activation's input narrower than this is not split again
+QUEUE_ENTRIES = 1 << 28  # values the queue of branches may hold (1 GiB in float32)
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class _Branches:
 def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor,
                       region: UnsafeRegion, terms: list[int], tolerance: float,
                       deadline: float, batch: int = 64, recompute: bool = False,
-                      max_branches: int = 200_000) -> ReluSplitOutcome:
+                      max_branches: int | None = None) -> ReluSplitOutcome:
     """Branch and bound over the relaxed neurons (see the module docstring).
 
     Args:
@@ -257,7 +258,9 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
             branch). Without, a branch keeps its parent's intermediate bounds, intersected
             with the new restriction, and the split constraints act through the multipliers
             of the output's pass alone (β-CROWN's choice: one pass per branch).
-        max_branches: branches in the queue beyond which the stage gives up (``unknown``).
+        max_branches: branches in the queue beyond which the stage gives up (``unknown``);
+            by default as many as :data:`QUEUE_ENTRIES` values hold (each branch keeps four
+            per neuron: its restrictions and its bounds).
     """
     matrix, offset, owner = term_rows(region, terms, lower.dtype, lower.device)
     n_terms = len(terms)
@@ -267,6 +270,8 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
     sizes = [b.lower[0].numel() for b in root]
     shapes = [tuple(b.lower.shape[1:]) for b in root]
     flat_lo = torch.cat([b.lower.flatten(1) for b in root], 1)
+    if max_branches is None:
+        max_branches = max(batch, QUEUE_ENTRIES // (4 * flat_lo.shape[1]))
     queue = _Branches(torch.full_like(flat_lo, -torch.inf), torch.full_like(flat_lo, torch.inf),
                       flat_lo, torch.cat([b.upper.flatten(1) for b in root], 1),
                       torch.ones(1, n_terms, dtype=torch.bool, device=lower.device),

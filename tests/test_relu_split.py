@@ -150,3 +150,17 @@ def test_branches_need_an_alpha_crown_module_with_intermediate_bounds() -> None:
                             domain_options=options)
         with pytest.raises(ValueError, match="alpha-crown"):
             AlphaCrownBranches(cm.bounds)
+
+
+def test_branch_and_bound_gives_up_past_its_queue_limit() -> None:
+    """A property that needs branching (as in the module's example) is ``unknown`` when the
+    queue may hold a single branch, and verified without the limit."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    lo, hi = -torch.ones(1, 2), torch.ones(1, 2)
+    cm = certfx.compile(net, domain="alpha-crown", input_spec=UNBOUNDED, example_input=lo)
+    unsafe = UnsafeRegion((Conjunction(torch.tensor([[1.0]]), torch.tensor([-0.34])),))
+    outcomes = [relu_split_verify(AlphaCrownBranches(cm.bounds), lo, hi, unsafe, [0],
+                                  tolerance=1e-6, deadline=time.perf_counter() + 30,
+                                  batch=1, max_branches=limit).status for limit in (1, None)]
+    assert outcomes == ["unknown", "verified"]

@@ -202,14 +202,25 @@ def _scores(entries: list[tuple[str, bool] | None], fixed: tuple[Interval, ...],
     return torch.cat(scores, 1), torch.cat(points, 1)
 
 
+def _per_entry(lo: Tensor, hi: Tensor, sizes: list[int], shapes: list[tuple[int, ...]]
+               ) -> list[tuple[Tensor, Tensor]]:
+    """Per entry, ``(lower, upper)`` of shape ``(n, *shape)`` from values flattened and
+    concatenated over the entries (``(n, N)``)."""
+    n = lo.shape[0]
+    return [(a.reshape(n, *shape), b.reshape(n, *shape))
+            for a, b, shape in zip(lo.split(sizes, 1), hi.split(sizes, 1), shapes)]
+
+
 def _splits(entries: list[tuple[str, bool] | None], r_lo: Tensor, r_hi: Tensor,
             sizes: list[int], shapes: list[tuple[int, ...]]) -> tuple[Any, ...]:
-    """The ``splits`` argument of the bound modules for branches whose restrictions are
-    flattened and concatenated over the entries (``r_lo``/``r_hi`` ``(n, N)``)."""
-    n = r_lo.shape[0]
-    return tuple(None if entry is None else (lo.reshape(n, *shape), hi.reshape(n, *shape))
-                 for entry, lo, hi, shape in zip(entries, r_lo.split(sizes, 1),
-                                                 r_hi.split(sizes, 1), shapes))
+    """The ``splits`` argument of the bound modules for branches' flattened restrictions."""
+    return tuple(None if entry is None else pair
+                 for entry, pair in zip(entries, _per_entry(r_lo, r_hi, sizes, shapes)))
+
+
+def _tightened(values: Tensor, index: Tensor, at: Tensor, take: Any) -> Tensor:
+    """``values`` with the entry ``index`` of each row replaced by ``take(entry, at)``."""
+    return values.scatter(1, index, take(values.gather(1, index), at))
 
 
 @dataclass
@@ -283,9 +294,7 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
         return torch.stack([proven_rows[:, owner == k].any(1) for k in range(n_terms)], 1)
 
     def unflatten(lo: Tensor, hi: Tensor) -> tuple[Interval, ...]:
-        n = lo.shape[0]
-        return tuple(Interval(a.reshape(n, *shape), b.reshape(n, *shape))
-                     for a, b, shape in zip(lo.split(sizes, 1), hi.split(sizes, 1), shapes))
+        return tuple(Interval(a, b) for a, b in _per_entry(lo, hi, sizes, shapes))
 
     while len(queue):
         if time.perf_counter() > deadline:
@@ -336,13 +345,9 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
         at = points.gather(1, best)
         # the left child: z_i ≤ at; the right one: z_i ≥ at (restriction and bounds alike)
         left, right = now.pick(slice(None)), now.pick(slice(None))
-        for restriction, bound, child, take in ((left.r_hi, left.b_hi, left, torch.minimum),
-                                                (right.r_lo, right.b_lo, right, torch.maximum)):
-            new_restriction = restriction.scatter(1, best, take(restriction.gather(1, best), at))
-            new_bound = bound.scatter(1, best, take(bound.gather(1, best), at))
-            if take is torch.minimum:
-                child.r_hi, child.b_hi = new_restriction, new_bound
-            else:
-                child.r_lo, child.b_lo = new_restriction, new_bound
+        left.r_hi = _tightened(left.r_hi, best, at, torch.minimum)
+        left.b_hi = _tightened(left.b_hi, best, at, torch.minimum)
+        right.r_lo = _tightened(right.r_lo, best, at, torch.maximum)
+        right.b_lo = _tightened(right.b_lo, best, at, torch.maximum)
         queue = left.then(right).then(queue)
     return ReluSplitOutcome("verified", bounded)

@@ -84,9 +84,12 @@ def test_restricted_bounds_with_lagrange_terms_hold_on_every_input_of_the_branch
                               multipliers=multipliers).lower[0]
         branches = AlphaCrownBranches(cm.bounds, steps=100, lagrange_lr=0.5)
         fixed = branches.restricted(lo, hi, spec, splits)
-        optimized = branches.rows(lo, hi, spec, fixed, splits)[0]
+        optimized, chosen = branches.rows(lo, hi, spec, fixed, splits)
+        optimized = optimized[0]
         plain = AlphaCrownBranches(cm.bounds, steps=100, lagrange_lr=0.0).rows(
-            lo, hi, spec, fixed, splits)[0]
+            lo, hi, spec, fixed, splits)[0][0]
+        # the same bound again from the returned slopes and multipliers, in one pass
+        again = branches.rows(lo, hi, spec, fixed, splits, steps=0, start=chosen)[0][0]
         xs = lo + (hi - lo) * torch.rand(200_000, 3, generator=gen)
         inside = torch.ones(len(xs), dtype=torch.bool)
         for (s_lo, s_hi), z in zip(splits, _pre_activations(net, xs)):
@@ -96,6 +99,7 @@ def test_restricted_bounds_with_lagrange_terms_hold_on_every_input_of_the_branch
     for bound in (random, optimized, plain):
         assert torch.isfinite(bound).all() and (least >= bound - 1e-5).all(), (least, bound)
     assert (optimized >= plain - 1e-6).all()  # the multipliers start at 0: never worse
+    assert torch.allclose(again, optimized, atol=1e-5), (again, optimized)
 
 
 @pytest.mark.parametrize("variant", ["parent bounds", "recompute", "optimized root"])

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -191,7 +191,9 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
                          alphas: tuple[tuple[str, int | None], ...], steps: int,
                          lr: float, ball: tuple[Tensor, Tensor] | None = None,
                          splits: Any = None, lagrange_lr: float = 0.0,
-                         intermediate_out: list[Interval] | None = None) -> Interval:
+                         intermediate_out: list[Interval] | None = None,
+                         start: Sequence[Tensor] | None = None,
+                         weights_out: list[Tensor] | None = None) -> Interval:
     """α-CROWN's optimization loop around the generated modules (see the module docstring).
 
     Args:
@@ -214,42 +216,63 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
             with ``result="bounds+slopes+intermediate"``), filled with their intersection over
             all steps (each step's are sound, so their meet is): the tightest intermediate
             bounds of the optimization, for a branch and bound to start from.
+        start: the variables to start from instead of the default slopes and zero
+            multipliers: the slopes (one tensor per ``alphas`` entry), then the multipliers,
+            as ``weights_out`` gives them — a branch warm-started from its parent's, as
+            α,β-CROWN does. Any values give sound bounds: this only changes where Adam begins
+            (with ``steps=0``: the bounds at ``start``, one pass).
+        weights_out: filled with the variables at each row's best bound (that layout).
     """
     slopes = lin_slopes(slopes, default_slopes)
     kwargs: dict[str, Any] = {"ball": ball, "splits": splits}
     differentiable = torch.is_grad_enabled()
+    lagrange = splits is not None and lagrange_lr > 0 and any(s is not None for s in splits)
+    warm = bool(start)  # the default slopes' pass is then not needed
+    best_lower = best_upper = None
+    tightest: list[Interval] = []
     with torch.no_grad():
         fixed = tuple(intermediate(lower, upper, *extras, slopes=slopes, **kwargs)) \
             if intermediate else ()
-        start, init, *inner = passes(lower, upper, *fixed, *extras, slopes=slopes,
-                                     bound_upper=bound_upper, **kwargs)
-    best_lower, best_upper = start.lower, start.upper
-    tightest = [Interval(b.lower.detach(), b.upper.detach()) for b in inner[0]] if inner else []
+        if not warm:
+            first, init, *inner = passes(lower, upper, *fixed, *extras, slopes=slopes,
+                                         bound_upper=bound_upper, **kwargs)
+            best_lower, best_upper = first.lower, first.upper
+            tightest = [Interval(b.lower.detach(), b.upper.detach())
+                        for b in inner[0]] if inner else []
 
     def report() -> None:
         if intermediate_out is not None:
             intermediate_out[:] = tightest
 
-    lagrange = splits is not None and lagrange_lr > 0 and any(s is not None for s in splits)
-    if (not alphas and not lagrange) or steps == 0:
+    if not warm and ((not alphas and not lagrange) or steps == 0):
         report()
+        if weights_out is not None:
+            weights_out[:] = []
         return _with_gradient(intermediate, passes, lower, upper, extras, slopes, bound_upper,
                               kwargs, {}, best_lower, best_upper) if differentiable \
             else Interval(best_lower, best_upper)
-    outputs = best_lower[0].numel() * (2 if bound_upper else 1)
     names = [name for name, _ in alphas]
-    weights = [s.expand(s.shape[0], rows or outputs, *s.shape[2:]).clone().requires_grad_(True)
-               for s, (_, rows) in zip(init, alphas)]
     rows_of = [rows for _, rows in alphas]
-    # the multipliers (λ, ν) of each restricted node, per output row: (batch, rows, *shape)
-    multipliers: list[Tensor] = []
-    if lagrange:
-        for split in splits:
-            if split is not None:
-                low = split[0]
-                multipliers += [low.new_zeros(low.shape[0], outputs, *low.shape[1:])
-                                .requires_grad_(True) for _ in range(2)]
-    everything = weights + multipliers
+    if warm:
+        expected = len(alphas) + (2 * sum(s is not None for s in splits) if lagrange else 0)
+        if len(start) != expected:
+            raise ValueError(f"start: expected {expected} tensors (the slopes, then the "
+                             f"multipliers), got {len(start)}")
+        everything = [value.detach().clone().requires_grad_(True) for value in start]
+        weights, multipliers = everything[:len(alphas)], everything[len(alphas):]
+    else:
+        outputs = best_lower[0].numel() * (2 if bound_upper else 1)
+        weights = [s.expand(s.shape[0], rows or outputs, *s.shape[2:]).clone()
+                   .requires_grad_(True) for s, (_, rows) in zip(init, alphas)]
+        # the multipliers (λ, ν) of each restricted node, per output row: (batch, rows, *shape)
+        multipliers = []
+        if lagrange:
+            for split in splits:
+                if split is not None:
+                    low = split[0]
+                    multipliers += [low.new_zeros(low.shape[0], outputs, *low.shape[1:])
+                                    .requires_grad_(True) for _ in range(2)]
+        everything = weights + multipliers
     rows_of += [None] * len(multipliers)
 
     def call_kwargs(values: list[Tensor]) -> dict[str, Any]:
@@ -269,13 +292,17 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
         groups.append({"params": multipliers, "lr": lagrange_lr})
     optimizer = torch.optim.Adam(groups)
     for step in range(steps + 1):
-        with torch.enable_grad():
+        with torch.set_grad_enabled(step < steps):  # the last step only evaluates
             out, _, *inner = passes(lower, upper, *fixed, *extras, slopes=slopes,
                                     bound_upper=bound_upper, **kwargs,
                                     **call_kwargs(everything))
             if step < steps:  # maximize every lower bound, minimize every upper bound
                 loss = (out.upper.sum() if bound_upper else 0.0) - out.lower.sum()
                 grads = torch.autograd.grad(loss, everything, allow_unused=True)
+        if best_lower is None:  # warm: the first step's bounds are the first seen
+            best_lower, best_upper = out.lower.detach(), out.upper.detach()
+            tightest = [Interval(b.lower.detach(), b.upper.detach())
+                        for b in inner[0]] if inner else []
         improved = (out.lower.detach() > best_lower).flatten(1)
         if bound_upper:
             improved = torch.cat([improved, (out.upper.detach() < best_upper).flatten(1)], 1)
@@ -303,6 +330,8 @@ def alpha_crown_optimize(intermediate: fx.GraphModule | None, passes: fx.GraphMo
             for weight in multipliers:
                 weight.clamp_(min=0.0)
     report()
+    if weights_out is not None:
+        weights_out[:] = best_weights
     if differentiable:
         return _with_gradient(intermediate, passes, lower, upper, extras, slopes, bound_upper,
                               kwargs, call_kwargs(best_weights), best_lower, best_upper)

@@ -58,6 +58,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -128,18 +129,23 @@ class AlphaCrownBranches:
         self.root_steps = root_steps
 
     def whole(self, lower: Tensor, upper: Tensor, spec: Tensor
-              ) -> tuple[Tensor, tuple[Interval, ...]]:
-        """The rows' lower bounds and the intermediate bounds on the whole box (no split)."""
+              ) -> tuple[Tensor, tuple[Interval, ...], list[Tensor]]:
+        """On the whole box (no split): the rows' lower bounds, the intermediate bounds, and
+        the output pass's slopes at the rows' best bounds (the branches' first start)."""
         unrestricted = (None,) * len(self.entries)
         if self.root_passes is None:
             fixed = self.restricted(lower, upper, spec, unrestricted)
-            return self.rows(lower, upper, spec, fixed, unrestricted), fixed
+            rows, chosen = self.rows(lower, upper, spec, fixed, unrestricted)
+            return rows, fixed, chosen
         tightest: list[Interval] = []
         out = alpha_crown_optimize(None, self.root_passes, lower, upper, spec, slopes=None,
                                    default_slopes=Slopes(), bound_upper=False,
                                    alphas=self.root_alphas, steps=self.root_steps, lr=self.lr,
                                    intermediate_out=tightest)
-        return out.lower, tuple(tightest)
+        fixed = tuple(tightest)
+        # the output pass alone, on those bounds: its slopes start the branches
+        rows, chosen = self.rows(lower, upper, spec, fixed, unrestricted, steps=self.root_steps)
+        return torch.maximum(out.lower, rows), fixed, chosen
 
     def restricted(self, lower: Tensor, upper: Tensor, spec: Tensor,
                    splits: tuple[Any, ...]) -> tuple[Interval, ...]:
@@ -147,15 +153,20 @@ class AlphaCrownBranches:
         return tuple(self.intermediate(lower, upper, spec, splits=splits))
 
     def rows(self, lower: Tensor, upper: Tensor, spec: Tensor, fixed: tuple[Interval, ...],
-             splits: tuple[Any, ...], steps: int | None = None) -> Tensor:
+             splits: tuple[Any, ...], steps: int | None = None,
+             start: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """The lower bounds ``(n, R)`` of the rows ``spec @ y`` given those bounds and the
-        branches' restrictions (``steps``: other than the default)."""
-        return alpha_crown_optimize(lambda *args, **kwargs: fixed, self.passes, lower, upper,
-                                    spec, slopes=None, default_slopes=Slopes(),
-                                    bound_upper=False, alphas=self.alphas,
-                                    steps=self.steps if steps is None else steps,
-                                    lr=self.lr, splits=splits,
-                                    lagrange_lr=self.lagrange_lr).lower
+        branches' restrictions (``steps``: other than the default), and the slopes and
+        multipliers at each row's best bound (``start``: where the optimization begins,
+        e.g. the parents' — β-CROWN's warm start)."""
+        chosen: list[Tensor] = []
+        out = alpha_crown_optimize(lambda *args, **kwargs: fixed, self.passes, lower, upper,
+                                   spec, slopes=None, default_slopes=Slopes(),
+                                   bound_upper=False, alphas=self.alphas,
+                                   steps=self.steps if steps is None else steps,
+                                   lr=self.lr, splits=splits, lagrange_lr=self.lagrange_lr,
+                                   start=start, weights_out=chosen)
+        return out.lower, chosen
 
     def sensitivity(self, lower: Tensor, upper: Tensor, spec: Tensor,
                     fixed: tuple[Interval, ...], weight: Tensor
@@ -218,6 +229,13 @@ def _splits(entries: list[tuple[str, bool] | None], r_lo: Tensor, r_hi: Tensor,
                  for entry, pair in zip(entries, _per_entry(r_lo, r_hi, sizes, shapes)))
 
 
+def _unflattened(values: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    """Tensors ``(n, *shape)`` from values flattened and concatenated ``(n, W)``."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return [v.reshape(values.shape[0], *shape) for v, shape in zip(values.split(sizes, 1),
+                                                                   shapes)]
+
+
 def _tightened(values: Tensor, index: Tensor, at: Tensor, take: Any) -> Tensor:
     """``values`` with the entry ``index`` of each row replaced by ``take(entry, at)``."""
     return values.scatter(1, index, take(values.gather(1, index), at))
@@ -227,7 +245,8 @@ def _tightened(values: Tensor, index: Tensor, at: Tensor, take: Any) -> Tensor:
 class _Branches:
     """A batch of branches, every tensor ``(n, ·)``: the restrictions ``r_lo``/``r_hi`` and
     the intermediate bounds ``b_lo``/``b_hi`` (flattened and concatenated over the entries,
-    ``N`` neurons), the terms still open, and the rows' best lower bounds so far."""
+    ``N`` neurons), the terms still open, the rows' best lower bounds so far, and the slopes
+    and multipliers that gave them (flattened, ``W`` values; a child starts from them)."""
 
     r_lo: Tensor
     r_hi: Tensor
@@ -235,6 +254,7 @@ class _Branches:
     b_hi: Tensor
     still: Tensor
     rows: Tensor
+    weights: Tensor
 
     def __len__(self) -> int:
         return self.r_lo.shape[0]
@@ -243,11 +263,56 @@ class _Branches:
         return _Branches(*(t[index] for t in self.tensors()))
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return (self.r_lo, self.r_hi, self.b_lo, self.b_hi, self.still, self.rows)
+        return (self.r_lo, self.r_hi, self.b_lo, self.b_hi, self.still, self.rows,
+                self.weights)
 
     def then(self, other: _Branches) -> _Branches:
         return _Branches(*(torch.cat([a, b]) for a, b in zip(self.tensors(),
                                                             other.tensors())))
+
+
+def _children(parents: _Branches, index: Tensor, at: Tensor) -> _Branches:
+    """Both children of each parent split at neuron ``index`` (``(n, 1)``) at value ``at``: the
+    left ones ``z_i ≤ at`` first, then the right ones ``z_i ≥ at`` (restriction and bounds
+    alike); they start from their parent's slopes and multipliers."""
+    left, right = parents.pick(slice(None)), parents.pick(slice(None))
+    left.r_hi = _tightened(left.r_hi, index, at, torch.minimum)
+    left.b_hi = _tightened(left.b_hi, index, at, torch.minimum)
+    right.r_lo = _tightened(right.r_lo, index, at, torch.maximum)
+    right.b_lo = _tightened(right.b_lo, index, at, torch.maximum)
+    return left.then(right)
+
+
+class _Stack:
+    """The open branches, last in first out (depth first: the queue stays short), kept as the
+    batches they were made in, so taking and adding branches never copies the whole queue."""
+
+    def __init__(self, first: _Branches):
+        self.chunks, self.count = [first], len(first)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def push(self, branches: _Branches) -> None:
+        if len(branches):
+            self.chunks.append(branches)
+            self.count += len(branches)
+
+    def pop(self, most: int) -> _Branches:
+        """Up to ``most`` branches, the newest first."""
+        taken: list[_Branches] = []
+        while self.chunks and sum(map(len, taken)) < most:
+            chunk = self.chunks.pop()
+            need = most - sum(map(len, taken))
+            if len(chunk) > need:
+                self.chunks.append(chunk.pick(slice(need, None)))
+                chunk = chunk.pick(slice(0, need))
+            taken.append(chunk)
+        out = taken[0]
+        for chunk in taken[1:]:
+            out = out.then(chunk)
+        self.count -= len(out)
+        return out
 
 
 def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor,
@@ -277,16 +342,28 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
     n_terms = len(terms)
     entries = branches.entries
     with torch.no_grad():  # the root's intermediate bounds, unrestricted
-        root_rows, root = branches.whole(lower, upper, matrix.unsqueeze(0))
+        root_rows, root, root_weights = branches.whole(lower, upper, matrix.unsqueeze(0))
     sizes = [b.lower[0].numel() for b in root]
     shapes = [tuple(b.lower.shape[1:]) for b in root]
     flat_lo = torch.cat([b.lower.flatten(1) for b in root], 1)
+    # the optimization's variables per branch: the output pass's slopes, then (β) a pair of
+    # multipliers per output row for every restricted entry, zero at the root
+    layout = [tuple(w.shape[1:]) for w in root_weights]
+    if branches.lagrange_lr > 0:
+        layout += [(matrix.shape[0], *shape) for entry, shape in zip(entries, shapes)
+                   if entry is not None for _ in range(2)]
+    warm = len(root_weights) == len(branches.alphas)  # else: every branch starts afresh
+    width = sum(math.prod(shape) for shape in layout) if warm else 0
+    given = [w.flatten(1) for w in root_weights] if warm else []
+    flat_weights = torch.cat(given + [flat_lo.new_zeros(1, width - sum(g.shape[1]
+                                                                      for g in given))], 1)
     if max_branches is None:
-        max_branches = max(batch, QUEUE_ENTRIES // (4 * flat_lo.shape[1]))
-    queue = _Branches(torch.full_like(flat_lo, -torch.inf), torch.full_like(flat_lo, torch.inf),
-                      flat_lo, torch.cat([b.upper.flatten(1) for b in root], 1),
-                      torch.ones(1, n_terms, dtype=torch.bool, device=lower.device),
-                      root_rows)
+        max_branches = max(batch, QUEUE_ENTRIES // (4 * flat_lo.shape[1] + width))
+    queue = _Stack(_Branches(torch.full_like(flat_lo, -torch.inf),
+                             torch.full_like(flat_lo, torch.inf), flat_lo,
+                             torch.cat([b.upper.flatten(1) for b in root], 1),
+                             torch.ones(1, n_terms, dtype=torch.bool, device=lower.device),
+                             root_rows, flat_weights))
     bounded = 0
 
     def proven_terms(rows: Tensor) -> Tensor:
@@ -301,7 +378,7 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
             return ReluSplitOutcome("timeout", bounded)
         if len(queue) > max_branches:
             return ReluSplitOutcome("unknown", bounded)
-        now, queue = queue.pick(slice(0, batch)), queue.pick(slice(batch, None))
+        now = queue.pop(batch)
         n = len(now)
         bounded += n
         x_lo, x_hi = lower.expand(n, *lower.shape[1:]), upper.expand(n, *upper.shape[1:])
@@ -316,7 +393,12 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
                                                               for b in fresh], 1))
             empty = ((now.b_lo - now.b_hi) > tolerance).any(1)
             fixed = unflatten(now.b_lo, now.b_hi)
-            now.rows = torch.maximum(branches.rows(x_lo, x_hi, spec, fixed, splits), now.rows)
+            rows, chosen = branches.rows(x_lo, x_hi, spec, fixed, splits,
+                                         start=_unflattened(now.weights, layout) if warm
+                                         else None)
+            now.rows = torch.maximum(rows, now.rows)
+            if warm and chosen:
+                now.weights = torch.cat([w.flatten(1) for w in chosen], 1)
         now.still = now.still & ~proven_terms(now.rows)
         keep = now.still.any(1) & ~empty
         if not bool(keep.any()):
@@ -327,27 +409,24 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
         weight = now.still[:, owner].to(lower.dtype)
         grads = branches.sensitivity(x_lo, x_hi, spec, fixed, weight)
         scores, points = _scores(entries, fixed, grads)
-        best = scores.argmax(1, keepdim=True)
-        leaf = torch.isinf(scores.gather(1, best))[:, 0]
+        leaf = torch.isinf(scores.max(1).values)
         if bool(leaf.any()):
             # nothing left to split: every ReLU's relaxation is exact there (smooth ones are
             # narrow), what is left is the multipliers' optimization, so it gets LEAF_STEPS
             # steps before the stage gives up
             leaves = now.pick(leaf)
             with torch.no_grad():
-                again = branches.rows(x_lo[leaf], x_hi[leaf], spec[leaf],
-                                      unflatten(leaves.b_lo, leaves.b_hi),
-                                      _splits(entries, leaves.r_lo, leaves.r_hi, sizes,
-                                              shapes), steps=LEAF_STEPS)
+                again, _ = branches.rows(x_lo[leaf], x_hi[leaf], spec[leaf],
+                                         unflatten(leaves.b_lo, leaves.b_hi),
+                                         _splits(entries, leaves.r_lo, leaves.r_hi, sizes,
+                                                 shapes), steps=LEAF_STEPS,
+                                         start=_unflattened(leaves.weights, layout) if warm
+                                         else None)
             if bool((leaves.still & ~proven_terms(again)).any()):
                 return ReluSplitOutcome("unknown", bounded)
-            now, best, points = now.pick(~leaf), best[~leaf], points[~leaf]
-        at = points.gather(1, best)
-        # the left child: z_i ≤ at; the right one: z_i ≥ at (restriction and bounds alike)
-        left, right = now.pick(slice(None)), now.pick(slice(None))
-        left.r_hi = _tightened(left.r_hi, best, at, torch.minimum)
-        left.b_hi = _tightened(left.b_hi, best, at, torch.minimum)
-        right.r_lo = _tightened(right.r_lo, best, at, torch.maximum)
-        right.b_lo = _tightened(right.b_lo, best, at, torch.maximum)
-        queue = left.then(right).then(queue)
+            now, scores, points = now.pick(~leaf), scores[~leaf], points[~leaf]
+        if not len(now):
+            continue
+        best = scores.argmax(1, keepdim=True)
+        queue.push(_children(now, best, points.gather(1, best)))
     return ReluSplitOutcome("verified", bounded)

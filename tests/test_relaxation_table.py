@@ -164,3 +164,36 @@ def test_s_shaped_lower_lines_hold_at_every_tangent_position(op, dtype) -> None:
         torch.testing.assert_close(lin.upper_slope, default.upper_slope)
         (lin.lower_slope.sum() + lin.lower_bias.sum()).backward()
         assert torch.isfinite(position.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", [ops.sigmoid, ops.tanh])
+def test_s_shaped_alpha_crown_lines_hold_at_every_pair_of_positions(op, dtype) -> None:
+    """α-CROWN's relaxation of sigmoid and tanh has two free positions, the lower line's and
+    (by point symmetry) the upper line's: every pair gives lines around ``f``, with finite
+    gradients, and the upper line does move with its position."""
+    from certfx.domains.interval import Interval
+    from certfx.domains.linear_backward import RELAX_WEIGHTED
+
+    torch.manual_seed(3)
+    lo, hi = _intervals("any", dtype)
+    bounds = Interval(lo.unsqueeze(0), hi.unsqueeze(0))  # one example of N neurons
+    start = RELAX_WEIGHTED[op](bounds)
+    assert start.weight.shape == (1, 1, 2, N)
+    x = lo + torch.linspace(0, 1, 201, dtype=dtype).unsqueeze(1) * (hi - lo)
+    x = torch.minimum(torch.maximum(x, lo), hi)
+    y = op(x)
+    rel = 1e-6 if dtype == torch.float32 else 1e-14
+    uppers = []
+    for make in (torch.zeros, torch.ones, torch.rand, lambda *s, dtype: torch.rand(*s) * 3 - 1):
+        alpha = make(1, 1, 2, N, dtype=dtype).requires_grad_(True)
+        lin = RELAX_WEIGHTED[op](bounds, alpha=alpha)
+        lower = lin.lower_slope[0, 0] * x + lin.lower_bias[0, 0]
+        upper = lin.upper_slope[0, 0] * x + lin.upper_bias[0, 0]
+        assert bool((lower <= y + rel * (1 + y.abs() + lower.abs())).all())
+        assert bool((upper >= y - rel * (1 + y.abs() + upper.abs())).all())
+        (lin.lower_bias.sum() + lin.upper_bias.sum() + lin.upper_slope.sum()).backward()
+        assert torch.isfinite(alpha.grad).all()
+        uppers.append(lin.upper_slope.detach())
+    crossing = (lo < -0.5) & (hi > 0.5)
+    assert bool((uppers[0] != uppers[1])[0, 0][crossing].any())

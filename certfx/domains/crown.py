@@ -13,7 +13,8 @@ relaxation table and one code generator (:mod:`certfx.domains.linear_lowering`):
 * ``"alpha-crown"`` (Xu et al. 2021, "Fast and complete", Sec. 3.1): the lower lines of
   ReLU-like and S-shaped neurons become variables, one per neuron *and per output row*: weights
   ``α ∈ [0, 1]`` of the lowest and highest valid lower lines (for ReLU, ``α`` is the slope;
-  for sigmoid and tanh, the position of the lower line's tangent point in its valid range),
+  for sigmoid and tanh, two per neuron and row: the positions of the lower and of the upper
+  line's tangent points in their valid ranges),
   optimized by Adam to maximize the output's lower bounds (and minimize its upper bounds),
   starting from the CROWN slopes and keeping the best bound seen per output. Every ``α`` gives
   a sound bound, so the elementwise best over the steps is sound, and never looser than CROWN.

@@ -209,9 +209,30 @@ def _make_relax(op: Callable[..., Any]) -> Callable[..., LinearRelaxation]:
                   "on the bounds of its input, from the shared relaxation table.")
 
 
-# S-shaped ops: the weight positions the lower line's tangent point in its valid range (the
-# relaxation table's ``lower_slope`` for them), tighter than a blend of the two end tangents
+# S-shaped ops: two weights (stacked after the rows) position the tangent points of the lower
+# and of the upper line in their valid ranges (the relaxation table's ``lower_slope`` for them),
+# tighter than a blend of the two end tangents
 _POSITIONED = {ops.sigmoid, ops.tanh}
+
+
+def _positioned(op: Callable[..., Any], lo: Tensor, up: Tensor, *op_args: Any,
+                alpha: Tensor | None) -> WeightedRelaxation:
+    """Sigmoid's or tanh's lines with both tangent points free: ``alpha[:, :, 0]`` places the
+    lower line's, ``alpha[:, :, 1]`` the upper line's. An S-shaped ``f`` is point-symmetric,
+    ``f(x) = 2 f(0) − f(−x)``, so the lower line ``a·y + b`` of ``f`` on ``[−u, −l]`` gives the
+    upper line ``a·x + 2 f(0) − b`` on ``[l, u]``: each position is the table's lower-line
+    position, on the reflected interval for the upper line, and every position is sound."""
+    if alpha is None:  # the policy's lines, and the middle of both ranges to start from
+        r = linear_relaxation(op, lo, up, *op_args)
+        start = torch.full_like(r.lower_slope, 0.5).unsqueeze(2)
+        return WeightedRelaxation(r.lower_slope, r.lower_bias, r.upper_slope, r.upper_bias,
+                                  torch.cat([start, start], 2))
+    w = alpha + (alpha.clamp(0.0, 1.0) - alpha).detach()
+    lower_line = linear_relaxation(op, lo, up, *op_args, lower_slope=w[:, :, 0])
+    reflected = linear_relaxation(op, -up, -lo, *op_args, lower_slope=w[:, :, 1])
+    twice_f0 = 2 * float(op(torch.zeros(())))
+    return WeightedRelaxation(lower_line.lower_slope, lower_line.lower_bias,
+                              reflected.lower_slope, twice_f0 - reflected.lower_bias, w)
 
 
 def _make_weighted_relax(op: Callable[..., Any]) -> Callable[..., WeightedRelaxation]:
@@ -220,14 +241,7 @@ def _make_weighted_relax(op: Callable[..., Any]) -> Callable[..., WeightedRelaxa
         # α-CROWN (Xu et al. 2021, Sec. 3.1): one weight per neuron and row, (batch, R, *shape).
         lo, up = bounds.lower.unsqueeze(1), bounds.upper.unsqueeze(1)
         if op in _POSITIONED:
-            if alpha is None:  # the policy's lines, and the middle of the range to start from
-                r = linear_relaxation(op, lo, up, *op_args)
-                return WeightedRelaxation(r.lower_slope, r.lower_bias, r.upper_slope,
-                                          r.upper_bias, torch.full_like(r.lower_slope, 0.5))
-            w = alpha + (alpha.clamp(0.0, 1.0) - alpha).detach()
-            r = linear_relaxation(op, lo, up, *op_args, lower_slope=w)
-            return WeightedRelaxation(r.lower_slope, r.lower_bias, r.upper_slope,
-                                      r.upper_bias, w)
+            return _positioned(op, lo, up, *op_args, alpha=alpha)
         low = linear_relaxation(op, lo, up, *op_args, lower_slope=torch.zeros_like(lo))
         high = linear_relaxation(op, lo, up, *op_args, lower_slope=torch.ones_like(lo))
         span = high.lower_slope - low.lower_slope

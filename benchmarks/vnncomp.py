@@ -14,7 +14,8 @@ time, next to the best published tool's counts from ``reference/vnncomp_scores.m
 
 Usage:
     python benchmarks/vnncomp.py [--root ../shared/benchmarks/vnncomp]
-        [--benchmarks vnncomp2021/acasxu vnncomp2021/eran …] [--every N] [--max-timeout S]
+        [--benchmarks vnncomp2021/acasxu vnncomp2021/eran …] [--match TEXT] [--every N]
+        [--max-timeout S]
         [--methods attack,box,…] [--json OUT]
 """
 
@@ -74,6 +75,9 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--benchmarks", nargs="+", default=["vnncomp2021/test"])
     parser.add_argument("--every", type=int, default=1, help="run every N-th instance")
+    parser.add_argument("--match", default="",
+                        help="only instances whose ONNX or VNN-LIB path contains this text "
+                             "(e.g. SIGMOID), before --every")
     parser.add_argument("--max-timeout", type=float, default=None,
                         help="cap each instance's timeout (seconds)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
@@ -87,7 +91,8 @@ def main() -> int:
     methods = tuple(m for m in args.methods.split(",") if m)
     records, wrong = [], 0
     for bench in args.benchmarks:
-        for onnx, spec, timeout in instances(args.root, bench)[::args.every]:
+        chosen = [i for i in instances(args.root, bench) if args.match in i[0] + i[1]]
+        for onnx, spec, timeout in chosen[::args.every]:
             if args.max_timeout is not None:
                 timeout = min(timeout, args.max_timeout)
             start = time.perf_counter()

@@ -150,6 +150,15 @@ def test_input_splitting_falls_back_to_relative_width_where_every_gradient_is_ze
     assert status == "verified" and boxes < 100, (status, boxes)
 
 
+def test_milp_shares_the_time_with_split_only_where_it_encodes_the_network_exactly() -> None:
+    """With sigmoid the MILP relaxes it (no tighter than the branches' bounds): ``split`` then
+    gets all the time left instead of ``split_share``."""
+    x = torch.zeros(1, 2)
+    relu = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    sigmoid = nn.Sequential(nn.Linear(2, 3), nn.Sigmoid(), nn.Linear(3, 2))
+    assert Verifier(relu, x).milp_exact and not Verifier(sigmoid, x).milp_exact
+
+
 def test_float64_results_name_their_precision_and_timeouts_are_reported() -> None:
     net = _net(0, (2, 30, 30, 30, 2))
     options = CascadeOptions(dtype=torch.float64, timeout=1e-6)

@@ -13,7 +13,9 @@ open, and the first definite answer ends the property:
   domain): lower bounds of every open term's rows ``C_r y − d_r`` over the box. A term is empty
   when some row's bound exceeds the tolerance; terms shown empty stay closed for later stages.
   Every term empty: *verified*.
-* ``split``: branch and bound; it gets ``split_share`` of the time left when MILP follows. For
+* ``split``: branch and bound; it gets ``split_share`` of the time left when MILP follows and
+  can encode the network exactly (with sigmoid or tanh, MILP relaxes them no tighter than the
+  branches' bounds, so ``split`` gets all the time and MILP only what it leaves). For
   inputs of at most :data:`~certfx.verify.split.MAX_INPUTS` values, bisecting the input box
   (:mod:`certfx.verify.split`) with the ``split_domain``'s bounds; an unsafe point it meets is
   re-checked like an attack's. For larger inputs, splitting unstable neurons
@@ -210,6 +212,7 @@ class Verifier:
         self.graph64: fx.GraphModule = copy.deepcopy(canonical).to(torch.float64)
         self.input_shape = tuple(canonical.meta["certfx.input_shape"])
         self.num_outputs = math.prod(canonical.meta["certfx.output_shape"])
+        self.milp_exact = _milp_exact(canonical)
         self._compiled: dict[str, CertifiedModule] = {}
 
     # -- stages ---------------------------------------------------------------------------
@@ -373,7 +376,8 @@ class Verifier:
                 witness = self._attack(prop, config, notes, deadline)
                 outcome = Verdict.FALSIFIED if witness is not None else None
             elif stage == "split":
-                share = options.split_share if "milp" in stages[stages.index(stage):] else 1.0
+                share = options.split_share if "milp" in stages[stages.index(stage):] \
+                    and self.milp_exact else 1.0
                 with optimization_deadline(began + left * share):
                     outcome, witness = self._split(prop, lower, upper, open_terms, left * share,
                                                    notes)
@@ -403,6 +407,17 @@ class Verifier:
                    on_stage: Callable[[str], None] | None = None) -> list[PropertyResult]:
         """:meth:`verify` on every property, in order."""
         return [self.verify(p, on_stage) for p in props]
+
+
+def _milp_exact(graph: fx.GraphModule) -> bool:
+    """Whether the MILP backend encodes ``graph`` exactly (no relaxed smooth activation)."""
+    from certfx.backends.milp.nonlinear import check_encodable
+
+    try:
+        check_encodable(graph)
+    except UnsupportedOpsError:
+        return False
+    return True
 
 
 def combined_verdict(results: Sequence[PropertyResult]) -> Verdict:

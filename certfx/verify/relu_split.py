@@ -16,7 +16,8 @@ stage follows α,β-CROWN (Wang et al. 2021, "Beta-CROWN"):
    computed again from the restricted ones, tighter and a backward pass per layer dearer);
    the constraints also enter the output's backward pass by Lagrange multipliers
    (:func:`~certfx.domains.linear.lin_lagrange`, β-CROWN's β), optimized with the slopes by
-   Adam. A branch whose bounds cross (``lower > upper + tolerance`` for some neuron) holds no
+   Adam, starting from its parent's slopes and multipliers (the new constraint's at 0). A
+   branch whose bounds cross (``lower > upper + tolerance`` for some neuron) holds no
    input: closed. A branch's bound is at least its parent's (the parent's holds on the smaller
    set), so the non-monotonicity of the optimization never loses ground.
 3. **Branching** picks, per open branch, the neuron with the largest first-order estimate of

@@ -148,10 +148,10 @@ def test_relaxed_rule_is_a_lower_bound(op: Callable[..., Any], k: int,
         relaxations = [RELAX[op](box, *const, slopes=s) for s in POLICIES]
     except ValueError:  # no linear relaxation for these constants (a leaky slope of −0.5):
         return          # deliberate, and rejected at compile time (test_linear_domains)
-    if has_free_slope(op, *const):  # α-CROWN's weights, one per row, also outside [0, 1]
-        alpha = torch.rand(B, ROWS, *box.shape[1:], dtype=dtype) * 1.4 - 0.2
-        relaxations += [RELAX_WEIGHTED[op](box, *const, alpha=alpha),
-                        RELAX_WEIGHTED[op](box, *const)]
+    if has_free_slope(op, *const):  # α-CROWN's weights, per row, also outside [0, 1]
+        start = RELAX_WEIGHTED[op](box, *const)  # its weight's layout (sigmoid: two per neuron)
+        alpha = torch.rand(B, ROWS, *start.weight.shape[2:], dtype=dtype) * 1.4 - 0.2
+        relaxations += [RELAX_WEIGHTED[op](box, *const, alpha=alpha), start]
     truth = _value(a.coef, a.bias, out)
     for relaxation in relaxations:
         terms = _terms(BACK.rule_for(op)(a, relaxation))

@@ -185,7 +185,9 @@ def has_free_slope(op: Callable[..., Any], *op_args: Any) -> bool:
 class WeightedRelaxation(LinearRelaxation):
     """A relaxation whose lower line is ``(1 − w)·lowest + w·highest`` of the valid lower lines
     of a free-slope relaxation (for ReLU: slope ``w``); ``weight`` is ``w``, α-CROWN's variable.
-    A convex combination of two lower lines is a lower line, so every ``w ∈ [0, 1]`` is sound."""
+    A convex combination of two lower lines is a lower line, so every ``w ∈ [0, 1]`` is sound.
+    For sigmoid and tanh ``weight`` holds two positions per neuron instead (``(batch, R, 2,
+    *shape)``, see :func:`_positioned`)."""
 
     weight: Tensor
 

@@ -307,13 +307,14 @@ class _Stack:
     def pop(self, most: int) -> _Branches:
         """Up to ``most`` branches, the newest first."""
         taken: list[_Branches] = []
-        while self.chunks and sum(map(len, taken)) < most:
+        need = min(most, self.count)
+        while need:
             chunk = self.chunks.pop()
-            need = most - sum(map(len, taken))
             if len(chunk) > need:
                 self.chunks.append(chunk.pick(slice(need, None)))
                 chunk = chunk.pick(slice(0, need))
             taken.append(chunk)
+            need -= len(chunk)
         out = taken[0]
         for chunk in taken[1:]:
             out = out.then(chunk)
@@ -360,9 +361,10 @@ def relu_split_verify(branches: AlphaCrownBranches, lower: Tensor, upper: Tensor
                    if entry is not None for _ in range(2)]
     warm = len(root_weights) == len(branches.alphas)  # else: every branch starts afresh
     width = sum(math.prod(shape) for shape in layout) if warm else 0
-    given = [w.flatten(1) for w in root_weights] if warm else []
-    flat_weights = torch.cat(given + [flat_lo.new_zeros(1, width - sum(g.shape[1]
-                                                                      for g in given))], 1)
+    flat_weights = flat_lo.new_zeros(1, width)  # the multipliers' part stays 0
+    if warm and root_weights:
+        given = torch.cat([w.flatten(1) for w in root_weights], 1)
+        flat_weights[:, :given.shape[1]] = given
     if max_branches is None:
         max_branches = max(batch, QUEUE_ENTRIES // (4 * flat_lo.shape[1] + width))
     queue = _Stack(_Branches(torch.full_like(flat_lo, -torch.inf),
